@@ -1,0 +1,296 @@
+"""One typed configuration for a DINO run.
+
+The dataclass defaults are the reference recipe of Caron et al. (2021): ViT-S/16, 2x224 + 8x96
+crops, K = 65536, AdamW at 5e-4 per 256 images, cosine schedules (see DINO_SPEC.md). Presets in
+``dinolab/presets`` hold only deviations from these defaults; the command line adds dotted
+overrides on top. ``load_config`` merges the three layers and validates the result; derived
+quantities (the scaled learning rate, step counts) are computed by pure functions elsewhere and
+never written back into the config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the CLI prints the message as one line and exits with status 2."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "folder"  # folder | fashion-mnist
+    root: str = "data"
+    download: bool = False
+    num_workers: int = 8
+    global_crop_size: int = 224
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    num_local_crops: int = 8
+    local_crop_size: int = 96
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    flip_prob: float = 0.5
+    color_jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, each local
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_prob: float = 0.2  # second global view only
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    eval_resize_ratio: float = 256 / 224  # evaluation: resize to size * ratio, center crop size
+
+
+@dataclass
+class HeadConfig:
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    num_layers: int = 3
+    norm: str = "none"  # none | batch | layer
+    norm_last_layer: bool = True
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit_small_patch16_224"
+    pretrained: bool = False
+    weights: str | None = None  # a local file of backbone weights (safetensors or torch)
+    patch_size: int | None = None  # ViTs: override the model's patch size
+    drop_path_rate: float = 0.1  # student only; the teacher has none
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class LossConfig:
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4  # per 256 images; the peak LR is lr * batch_size / 256
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 3.0  # per parameter tensor, as the reference; 0 disables
+    freeze_last_layer_epochs: float = 1.0
+    teacher_momentum: float = 0.996
+    teacher_momentum_end: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 1024  # images per optimizer step, over all processes and micro-batches
+    accumulation_steps: int = 1
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, else fp32)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    deterministic: bool = True  # deterministic algorithms (CPU runs are reproducible bit for bit)
+    limit_steps_per_epoch: int = 0  # >0: shorten each epoch (smoke tests, quick looks)
+
+
+@dataclass
+class EvalConfig:
+    knn_every_epochs: int = 10  # 0: only at the start and the end
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_train_limit: int = 0  # 0: all labelled train images; else a fixed random subset
+    knn_test_limit: int = 0
+    batch_size: int = 256
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/dino"
+    keep_every_epochs: int = 0  # also keep checkpoint_EEEE.pt every N epochs; 0: latest only
+    log_every_steps: int = 10
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+DEFAULT_PRESET = "demo"
+DATA_SOURCES = ("folder", "fashion-mnist")
+
+
+def preset_names() -> list[str]:
+    files = resources.files("dinolab") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_base(preset_or_yaml: str | None) -> DictConfig:
+    name = preset_or_yaml or DEFAULT_PRESET
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {name}")
+        text = path.read_text()
+    elif name in preset_names():
+        text = (resources.files("dinolab") / "presets" / f"{name}.yaml").read_text()
+    else:
+        raise ConfigError(
+            f"unknown preset {name!r}; presets: {', '.join(preset_names())} (or a path to a .yaml)"
+        )
+    try:
+        loaded = OmegaConf.create(text)
+    except Exception as error:  # yaml.YAMLError and OmegaConf's own errors
+        raise ConfigError(f"{name}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{name}: expected a mapping of config keys")
+    return loaded
+
+
+def load_config(preset_or_yaml: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Schema defaults <- preset or YAML file <- ``key=value`` overrides, then validated."""
+    overrides = overrides or []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, _read_base(preset_or_yaml))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as error:
+        raise ConfigError(_describe(error)) from None
+    config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(config)
+    return config
+
+
+def _describe(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None) or "?"
+    message = str(error).splitlines()[0]
+    if "Key" in type(error).__name__ or "not in struct" in message:
+        return f"unknown config key: {key}"
+    return f"invalid value for {key}: {message}"
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config))  # type: ignore[return-value]
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    merged = OmegaConf.merge(OmegaConf.structured(Config), values)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"invalid value for {key}: {message}")
+
+
+def validate(config: Config) -> None:
+    """Reject impossible values before any work starts; the message names the key."""
+    data, head, loss, optim, train = (
+        config.data, config.model.head, config.loss, config.optim, config.train
+    )
+    _require(data.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}")
+    _require(data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(data.global_crop_size > 0, "data.global_crop_size", "must be > 0")
+    _require(data.local_crop_size > 0, "data.local_crop_size", "must be > 0")
+    _require(
+        data.local_crop_size <= data.global_crop_size,
+        "data.local_crop_size",
+        f"{data.local_crop_size} is larger than the global crop ({data.global_crop_size})",
+    )
+    _require(data.num_local_crops >= 0, "data.num_local_crops", "must be >= 0")
+    for key in ("global_crop_scale", "local_crop_scale", "blur_sigma"):
+        low, high = getattr(data, key)
+        _require(0 < low <= high, f"data.{key}", f"needs 0 < low <= high, got ({low}, {high})")
+    for key in ("global_crop_scale", "local_crop_scale"):
+        _require(getattr(data, key)[1] <= 1, f"data.{key}", "the upper bound must be <= 1")
+    probabilities = ["flip_prob", "color_jitter_prob", "grayscale_prob", "solarize_prob"]
+    for key in probabilities:
+        _require(0 <= getattr(data, key) <= 1, f"data.{key}", "must be a probability in [0, 1]")
+    _require(all(0 <= p <= 1 for p in data.blur_probs), "data.blur_probs", "must be in [0, 1]")
+    _require(all(s > 0 for s in data.std), "data.std", "must be > 0")
+    _require(data.eval_resize_ratio >= 1, "data.eval_resize_ratio", "must be >= 1")
+
+    _require(head.out_dim > 0, "model.head.out_dim", "must be > 0")
+    _require(head.hidden_dim > 0, "model.head.hidden_dim", "must be > 0")
+    _require(head.bottleneck_dim > 0, "model.head.bottleneck_dim", "must be > 0")
+    _require(head.num_layers >= 1, "model.head.num_layers", "must be >= 1")
+    _require(head.norm in ("none", "batch", "layer"), "model.head.norm", "none, batch or layer")
+    _require(0 <= config.model.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
+    _require(
+        config.model.patch_size is None or config.model.patch_size > 0,
+        "model.patch_size",
+        "must be > 0",
+    )
+
+    for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+        _require(getattr(loss, key) > 0, f"loss.{key}", "a temperature must be > 0")
+    _require(loss.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs", ">= 0")
+    _require(0 <= loss.center_momentum < 1, "loss.center_momentum", "must be in [0, 1)")
+
+    _require(optim.lr > 0, "optim.lr", "must be > 0")
+    _require(0 <= optim.min_lr <= optim.lr, "optim.min_lr", "must be in [0, optim.lr]")
+    _require(optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    _require(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(optim.weight_decay_end >= 0, "optim.weight_decay_end", "must be >= 0")
+    _require(all(0 <= b < 1 for b in optim.betas), "optim.betas", "must be in [0, 1)")
+    _require(optim.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables)")
+    _require(optim.freeze_last_layer_epochs >= 0, "optim.freeze_last_layer_epochs", ">= 0")
+    for key in ("teacher_momentum", "teacher_momentum_end"):
+        _require(0 <= getattr(optim, key) <= 1, f"optim.{key}", "must be in [0, 1]")
+
+    _require(train.epochs > 0, "train.epochs", "must be > 0")
+    _require(train.batch_size > 0, "train.batch_size", "must be > 0")
+    _require(train.accumulation_steps >= 1, "train.accumulation_steps", "must be >= 1")
+    _require(
+        train.batch_size % train.accumulation_steps == 0,
+        "train.batch_size",
+        f"{train.batch_size} is not divisible by train.accumulation_steps",
+    )
+    _require(
+        train.precision in ("auto", "fp32", "bf16", "fp16"),
+        "train.precision",
+        "auto, fp32, bf16 or fp16",
+    )
+    _require(train.device in ("auto", "cpu", "cuda"), "train.device", "auto, cpu or cuda")
+    _require(train.limit_steps_per_epoch >= 0, "train.limit_steps_per_epoch", "must be >= 0")
+
+    evaluation = config.eval
+    _require(evaluation.knn_every_epochs >= 0, "eval.knn_every_epochs", "must be >= 0")
+    _require(evaluation.knn_k > 0, "eval.knn_k", "must be > 0")
+    _require(evaluation.knn_temperature > 0, "eval.knn_temperature", "must be > 0")
+    _require(evaluation.knn_train_limit >= 0, "eval.knn_train_limit", "must be >= 0")
+    _require(evaluation.knn_test_limit >= 0, "eval.knn_test_limit", "must be >= 0")
+    _require(evaluation.batch_size > 0, "eval.batch_size", "must be > 0")
+
+    _require(bool(config.run.dir), "run.dir", "must not be empty")
+    _require(config.run.keep_every_epochs >= 0, "run.keep_every_epochs", "must be >= 0")
+    _require(config.run.log_every_steps > 0, "run.log_every_steps", "must be > 0")
+    if not math.isfinite(optim.lr):
+        raise ConfigError("invalid value for optim.lr: must be finite")

@@ -1,0 +1,1 @@
+"""Backbones, the DINO head, the multi-crop network and the EMA teacher."""

@@ -1,0 +1,272 @@
+"""The training loop: data, epochs, logging, k-NN monitor, checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dinolab.config import Config, ConfigError, from_dict, to_dict, to_yaml
+from dinolab.data.datasets import UNLABELLED, Sources, build_sources
+from dinolab.data.loader import EpochSampler, MultiCropDataset, training_loader
+from dinolab.data.transforms import EvalTransform, MultiCropTransform
+from dinolab.distributed import barrier, init_distributed, is_main_process, rank, world_size
+from dinolab.evaluation.features import extract_features, fixed_subset
+from dinolab.evaluation.knn import knn_accuracy
+from dinolab.training import schedules
+from dinolab.training.checkpoint import LATEST, load_checkpoint, save_checkpoint
+from dinolab.training.monitor import Metrics, progress_bar, say
+from dinolab.training.state import TrainingState, build_state, resolve_device
+from dinolab.training.step import StepValues, train_step
+
+# Keys that may differ when a run folder is resumed: where it runs and how it reports.
+RESUMABLE_CHANGES = ("run.", "data.num_workers", "data.root", "data.download", "eval.",
+                     "train.device")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stops without writing a checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs_done: int
+    knn_start: float | None
+    knn_end: float | None
+    seconds: float
+
+
+def step_values(config: Config, length: schedules.RunLength, step: int, epoch: int) -> StepValues:
+    return StepValues(
+        lr=schedules.learning_rate(config, length, step),
+        weight_decay=schedules.weight_decay(config, length, step),
+        teacher_momentum=schedules.teacher_momentum(config, length, step),
+        teacher_temp=schedules.teacher_temperature(config, epoch),
+        freeze_last_layer=schedules.last_layer_frozen(config, length, step),
+    )
+
+
+def _seed_everything(config: Config) -> None:
+    seed = config.train.seed + rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if config.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+class _AsPairs(Dataset):
+    """A user's Dataset returning an image or (image, label) -> (image, label)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        item = self.dataset[index]
+        return (item[0], int(item[1])) if isinstance(item, (tuple, list)) else (item, UNLABELLED)
+
+
+def _changed_keys(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_keys(old, new, f"{name}.")
+        elif old != new and not name.startswith(RESUMABLE_CHANGES):
+            changed.append(f"{name} ({old!r} -> {new!r})")
+    return changed
+
+
+def prepare_run_dir(config: Config) -> Path:
+    """Create the run folder, or check that an existing one holds this same configuration."""
+    run_dir = Path(config.run.dir)
+    saved_config = run_dir / "config.yaml"
+    if saved_config.is_file():
+        from omegaconf import OmegaConf
+
+        saved = to_dict(from_dict(OmegaConf.to_container(OmegaConf.load(saved_config))))  # type: ignore[arg-type]
+        changed = _changed_keys(saved, to_dict(config))
+        if changed:
+            raise ConfigError(
+                f"run folder {run_dir} holds a run with another configuration: "
+                f"{', '.join(changed[:3])}; use a new run.dir"
+            )
+    if is_main_process():
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not saved_config.is_file():
+                saved_config.write_text(to_yaml(config))
+        except OSError as error:
+            raise ConfigError(f"invalid value for run.dir: cannot write {run_dir}: "
+                              f"{error.strerror}") from None
+    barrier()
+    return run_dir
+
+
+def knn_monitor(state: TrainingState, sources: Sources, transform: EvalTransform) -> float | None:
+    """Weighted k-NN top-1 (%) of the teacher backbone; None when the data has no labels."""
+    if sources.knn_train is None or sources.knn_test is None:
+        return None
+    config = state.config
+    result = None
+    if is_main_process():  # the other processes wait at the barrier
+        train = fixed_subset(sources.knn_train, config.eval.knn_train_limit)
+        test = fixed_subset(sources.knn_test, config.eval.knn_test_limit)
+        backbone = state.teacher.backbone
+        arguments = (transform, state.device, config.eval.batch_size, config.data.num_workers,
+                     state.autocast_dtype)
+        train_features, train_labels = extract_features(backbone, train, *arguments)
+        test_features, test_labels = extract_features(backbone, test, *arguments)
+        accuracy = knn_accuracy(train_features, train_labels, test_features, test_labels,
+                                config.eval.knn_k, config.eval.knn_temperature)
+        result = accuracy["top1"]
+    barrier()
+    return result
+
+
+def _check_finite(loss: torch.Tensor, step: int, run_dir: Path) -> float:
+    value = loss.item()  # host sync: only at log steps and before checkpoints
+    if not math.isfinite(value):
+        latest = run_dir / LATEST
+        last_good = str(latest) if latest.exists() else "none yet"
+        raise NonFiniteLoss(
+            f"loss is {value} at step {step}; last good checkpoint: {last_good}; levers: "
+            "train.precision=fp32 or bf16, a lower optim.lr, a lower loss.teacher_temp"
+        )
+    return value
+
+
+def run_epoch(state: TrainingState, loader: Any, sampler: EpochSampler, length: schedules.RunLength,
+              metrics: Metrics, run_dir: Path) -> float:
+    """Train one epoch (or its remainder after a resume) -> the epoch's mean loss."""
+    config, epoch = state.config, state.epoch
+    accumulation = config.train.accumulation_steps
+    batch_per_process = config.train.batch_size // world_size()
+    done = state.samples_into_epoch // batch_per_process
+    sampler.set_position(epoch, state.samples_into_epoch)
+    bar = progress_bar(length.steps_per_epoch, done, epoch, length.epochs, config.run.progress_bar)
+    loss_sum = torch.zeros((), device=state.device)
+    steps, micro_batches, tick = 0, [], time.perf_counter()
+    for views in loader:
+        micro_batches.append(views)
+        if len(micro_batches) < accumulation:
+            continue
+        values = step_values(config, length, state.step, epoch)
+        loss = train_step(state, micro_batches, values)
+        micro_batches = []
+        loss_sum += loss
+        steps += 1
+        state.samples_into_epoch += batch_per_process
+        bar.update()
+        if state.step % config.run.log_every_steps == 0:
+            loss_value = _check_finite(loss, state.step, run_dir)
+            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+            images_per_second = config.run.log_every_steps * config.train.batch_size / elapsed
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{values.lr:.2e}",
+                            img_s=f"{images_per_second:.0f}")
+            metrics.log("train", state.step, {
+                "epoch": epoch, "loss": loss_value, "lr": values.lr,
+                "weight_decay": values.weight_decay, "teacher_momentum": values.teacher_momentum,
+                "teacher_temp": values.teacher_temp, "images_per_second": images_per_second,
+            })
+        if done + steps >= length.steps_per_epoch:
+            break
+    bar.close()
+    return _check_finite(loss_sum, state.step, run_dir) / max(steps, 1)
+
+
+def _training_sources(config: Config, dataset: Dataset | None) -> Sources:
+    if dataset is None:
+        return build_sources(config.data)
+    wrapped = _AsPairs(dataset)
+    return Sources(train=wrapped)
+
+
+def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
+    """Run (or resume) DINO pre-training as configured; ``dataset`` replaces data.source.
+
+    ``dataset`` may return a PIL image or (PIL image, label); labels are never used in training.
+    """
+    started = time.perf_counter()
+    init_distributed(resolve_device(config.train.device))
+    _seed_everything(config)
+    sources = _training_sources(config, dataset)
+    processes = world_size()
+    if config.train.batch_size % (processes * config.train.accumulation_steps):
+        raise ConfigError(
+            f"invalid value for train.batch_size: {config.train.batch_size} is not divisible by "
+            f"{processes} processes x {config.train.accumulation_steps} accumulation steps"
+        )
+    num_images = len(sources.train)  # type: ignore[arg-type]
+    if num_images < config.train.batch_size:
+        raise ConfigError(f"invalid value for train.batch_size: {config.train.batch_size} is "
+                          f"larger than the data set ({num_images} images)")
+    run_dir = prepare_run_dir(config)
+    state = build_state(config)
+    if (run_dir / LATEST).is_file():
+        state.load_state_dict(load_checkpoint(run_dir / LATEST))
+        say(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
+
+    batch_per_process = config.train.batch_size // processes
+    micro_batch = batch_per_process // config.train.accumulation_steps
+    sampler = EpochSampler(num_images, batch_per_process, config.train.seed, rank(), processes)
+    steps_per_epoch = sampler.batches_per_epoch
+    if config.train.limit_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.train.limit_steps_per_epoch)
+    length = schedules.RunLength(steps_per_epoch, config.train.epochs)
+    dataset_views = MultiCropDataset(sources.train, MultiCropTransform(config.data), config.train.seed)
+    loader = training_loader(dataset_views, sampler, micro_batch, config.data.num_workers,
+                             pin_memory=state.device.type == "cuda")
+    metrics = Metrics(run_dir, config.run.tensorboard)
+    eval_transform = EvalTransform(config.data)
+    knn_label = f"k-NN top-1 (k={config.eval.knn_k})"
+
+    knn_start = None
+    if state.step == 0:
+        knn_start = knn_monitor(state, sources, eval_transform)
+        if knn_start is not None:
+            say(f"{knn_label}: {knn_start:.1f}% (teacher at initialisation)")
+            metrics.log("knn", 0, {"epoch": 0, "knn_top1": knn_start})
+    say(f"training {config.model.backbone} on {num_images} images: {length.epochs} epochs of "
+        f"{steps_per_epoch} steps, batch {config.train.batch_size}, {processes} process(es), "
+        f"{state.device.type}")
+
+    knn_end = None
+    for epoch in range(state.epoch, config.train.epochs):
+        state.epoch = epoch
+        mean_loss = run_epoch(state, loader, sampler, length, metrics, run_dir)
+        state.epoch, state.samples_into_epoch = epoch + 1, 0
+        last = epoch + 1 == config.train.epochs
+        every = config.eval.knn_every_epochs
+        epoch_values: dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss}
+        if last or (every and (epoch + 1) % every == 0):
+            knn_end = knn_monitor(state, sources, eval_transform)
+            if knn_end is not None:
+                epoch_values["knn_top1"] = knn_end
+        metrics.log("epoch", state.step, epoch_values)
+        knn_text = f", {knn_label}: {knn_end:.1f}%" if "knn_top1" in epoch_values else ""
+        say(f"epoch {epoch + 1}/{config.train.epochs}: loss {mean_loss:.4f}{knn_text}")
+        if is_main_process():
+            keep = bool(config.run.keep_every_epochs) and (epoch + 1) % config.run.keep_every_epochs == 0
+            save_checkpoint(run_dir, state.state_dict(), state.teacher.backbone.state_dict(), keep)
+        barrier()
+    metrics.close()
+    seconds = time.perf_counter() - started
+    if knn_end is not None:
+        say(f"{knn_label}: {knn_end:.1f}% (trained teacher, {seconds / 60:.1f} min)")
+    return TrainResult(run_dir, state.epoch, knn_start, knn_end, seconds)

@@ -1,0 +1,57 @@
+"""What a run tells its user: console lines, a tqdm bar, metrics.jsonl and TensorBoard.
+
+Only the main process writes; every function here is a no-op elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from dinolab.distributed import is_main_process
+
+
+def say(message: str) -> None:
+    """Print one line from the main process only (tqdm-safe)."""
+    if is_main_process():
+        tqdm.write(message)
+
+
+class Metrics:
+    """metrics.jsonl (one JSON object per logged step or epoch) and TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.enabled = is_main_process()
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if self.enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is an optional extra
+                pass
+            else:
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def progress_bar(total: int, initial: int, epoch: int, epochs: int, enabled: bool) -> tqdm:
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
+                disable=not (enabled and is_main_process()), dynamic_ncols=True, leave=False)

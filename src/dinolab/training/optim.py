@@ -1,0 +1,66 @@
+"""AdamW with DINO's parameter groups, per-tensor gradient clipping and the frozen last layer.
+
+Biases and all 1-D parameters (norm weights, the prototype layer's weight-norm magnitude) and
+whatever the backbone lists in ``no_weight_decay()`` (position embedding, [CLS] token) get no
+weight decay; the other group follows the weight-decay schedule.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def parameter_groups(model: nn.Module) -> list[dict]:
+    skip: set[str] = set()
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and hasattr(backbone, "no_weight_decay"):
+        skip = {f"backbone.{name}" for name in backbone.no_weight_decay()}
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim <= 1 or name.endswith(".bias") or name in skip:
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [
+        {"params": decay, "apply_weight_decay": True},
+        {"params": no_decay, "apply_weight_decay": False, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, betas: tuple[float, float],
+                    device: torch.device) -> torch.optim.AdamW:
+    """Fused AdamW on CUDA, the foreach implementation elsewhere (both avoid a per-tensor loop)."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(parameter_groups(model), lr=0.0, betas=betas, fused=fused,
+                             foreach=None if fused else True)
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group["apply_weight_decay"]:
+            group["weight_decay"] = weight_decay
+
+
+@torch.no_grad()
+def clip_gradients_per_tensor(parameters: list[torch.Tensor], max_norm: float) -> None:
+    """Scale each gradient tensor whose norm exceeds ``max_norm`` (the reference's clipping).
+
+    Done with foreach kernels on the device: no host sync.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    scales = [torch.clamp(max_norm / (norm + 1e-6), max=1.0) for norm in norms]
+    torch._foreach_mul_(grads, scales)
+
+
+def drop_last_layer_gradients(model: nn.Module) -> None:
+    """Freeze the prototype layer: dropping its gradients leaves AdamW's state untouched too."""
+    for name, parameter in model.named_parameters():
+        if "last_layer" in name:
+            parameter.grad = None

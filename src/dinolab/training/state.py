@@ -1,0 +1,113 @@
+"""Everything a DINO run updates, built from the config, and its (de)serialisation.
+
+The state is explicit so that a checkpoint holds all of it and a resumed run continues exactly:
+student, teacher, the loss center, optimizer, grad scaler, position (epoch, step) and RNG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dinolab.config import Config
+from dinolab.distributed import world_size
+from dinolab.losses import DINOLoss
+from dinolab.models.backbone import create_backbone, feature_dim
+from dinolab.models.head import DINOHead
+from dinolab.models.multicrop import MultiCropNetwork
+from dinolab.models.teacher import copy_student_into_teacher
+from dinolab.training.optim import build_optimizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        from dinolab.distributed.env import local_rank
+
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32."""
+    if name == "auto":
+        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        name = "bf16" if bf16_ok else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def build_network(config: Config, drop_path_rate: float) -> MultiCropNetwork:
+    backbone = create_backbone(config.model, config.data.global_crop_size, drop_path_rate)
+    return MultiCropNetwork(backbone, DINOHead(feature_dim(backbone), config.model.head))
+
+
+@dataclass
+class TrainingState:
+    config: Config
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    student: nn.Module  # MultiCropNetwork, wrapped in DDP when there are several processes
+    teacher: MultiCropNetwork
+    loss: DINOLoss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    epoch: int = 0  # the epoch in progress (or the next one to run)
+    step: int = 0  # optimizer steps done in total
+    samples_into_epoch: int = 0  # this process's samples consumed in ``epoch``
+
+    @property
+    def student_module(self) -> MultiCropNetwork:
+        module = self.student
+        return module.module if isinstance(module, DistributedDataParallel) else module  # type: ignore[return-value]
+
+    def state_dict(self) -> dict[str, Any]:
+        from dinolab.config import to_dict
+
+        return {
+            "student": self.student_module.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "epoch": self.epoch,
+            "step": self.step,
+            "samples_into_epoch": self.samples_into_epoch,
+            "config": to_dict(self.config),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student_module.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.samples_into_epoch = state["samples_into_epoch"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def build_state(config: Config) -> TrainingState:
+    device = resolve_device(config.train.device)
+    autocast_dtype = resolve_precision(config.train.precision, device)
+    student = build_network(config, config.model.drop_path_rate).to(device)
+    teacher = build_network(config, 0.0).to(device)
+    copy_student_into_teacher(student, teacher)
+    optimizer = build_optimizer(student, tuple(config.optim.betas), device)  # type: ignore[arg-type]
+    wrapped: nn.Module = student
+    if world_size() > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        wrapped = DistributedDataParallel(student, device_ids=device_ids)
+    loss = DINOLoss(config.model.head.out_dim, config.loss.student_temp,
+                    config.loss.center_momentum).to(device)
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    return TrainingState(config, device, autocast_dtype, wrapped, teacher, loss, optimizer, scaler)
