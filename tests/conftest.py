@@ -1,0 +1,55 @@
+"""Shared fixtures: small data written by the tests, and a tiny configuration that trains fast."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write uint8 ``array`` in the IDX format (gzip-compressed), as Fashion-MNIST ships."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_fashion_mnist(root: Path, num_train: int = 96, num_test: int = 32, seed: int = 0) -> Path:
+    """Fake Fashion-MNIST: 4 classes of 28x28 images (a bright square in one quadrant + noise)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, count in (("train", num_train), ("t10k", num_test)):
+        labels = rng.integers(0, 4, size=count)
+        images = rng.integers(0, 60, size=(count, 28, 28))
+        for image, label in zip(images, labels):
+            top, left = (label // 2) * 14, (label % 2) * 14
+            image[top + 2 : top + 12, left + 2 : left + 12] += 180
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.fixture
+def fashion_root(tmp_path: Path) -> Path:
+    return make_fashion_mnist(tmp_path / "fashion")
+
+
+def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
+    """A ViT of one block on 28 px crops: a few steps take well under a second each."""
+    return [
+        "data.source=fashion-mnist", f"data.root={data_root}", "data.num_workers=0",
+        "data.global_crop_size=28", "data.local_crop_size=14", "data.num_local_crops=2",
+        "model.backbone=vit_tiny_patch16_224", "model.patch_size=7",
+        "model.backbone_kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
+        "model.head.out_dim=64", "model.head.hidden_dim=32", "model.head.bottleneck_dim=16",
+        "train.epochs=2", "train.batch_size=16", "optim.warmup_epochs=1",
+        "eval.knn_every_epochs=0", "eval.batch_size=64",
+        "run.progress_bar=false", "run.tensorboard=false", "run.log_every_steps=2",
+        f"run.dir={run_dir}",
+    ]
