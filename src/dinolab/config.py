@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     source: str = "folder"  # folder | fashion-mnist
-    root: str = "data"
+    root: str = ""  # the image folder; for named data sets "" searches the usual places
     download: bool = False
     num_workers: int = 8
     global_crop_size: int = 224

@@ -34,7 +34,8 @@ def fixed_subset(dataset: Dataset, limit: int, seed: int = 0) -> Dataset:
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images: Dataset, transform: EvalTransform,
                      device: torch.device, batch_size: int = 256, num_workers: int = 0,
-                     autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     autocast_dtype: torch.dtype | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (features [N, D] L2-normalised float32 on CPU, labels [N])."""
     was_training = backbone.training
     backbone.eval()

@@ -28,6 +28,9 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        # Mean entropy of the teacher's distribution in the last forward (device tensor, for the
+        # collapse monitor: near 0 = one prototype dominates, near ln K = uniform output).
+        self.teacher_entropy = torch.zeros(())
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 teacher_temp: float) -> torch.Tensor:
@@ -39,6 +42,7 @@ class DINOLoss(nn.Module):
         teacher_probs = F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
         student_log_probs = student_log_probs.view(num_student_views, batch, -1)
         teacher_probs = teacher_probs.detach().view(num_teacher_views, batch, -1)
+        self.teacher_entropy = torch.special.entr(teacher_probs).sum(-1).mean()
         # cross[i, v] = mean over the batch of H(P_t(i), P_s(v)); one [T, V] matmul-like reduction
         cross = -torch.einsum("tbk,vbk->tv", teacher_probs, student_log_probs) / batch
         same_view = torch.eye(num_teacher_views, num_student_views, dtype=torch.bool,

@@ -43,7 +43,9 @@ def backbone_kwargs(config: ModelConfig, img_size: int, drop_path_rate: float) -
 def create_backbone(config: ModelConfig, img_size: int, drop_path_rate: float) -> nn.Module:
     """Build the backbone; ``drop_path_rate`` differs between student and teacher."""
     if not timm.is_model(config.backbone):
-        raise ConfigError(f"invalid value for model.backbone: {config.backbone!r} is not a timm model")
+        raise ConfigError(
+            f"invalid value for model.backbone: {config.backbone!r} is not a timm model"
+        )
     kwargs = backbone_kwargs(config, img_size, drop_path_rate)
     try:
         model = timm.create_model(config.backbone, pretrained=config.pretrained, **kwargs)

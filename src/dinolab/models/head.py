@@ -30,7 +30,7 @@ class DINOHead(nn.Module):
         super().__init__()
         widths = [in_dim] + [config.hidden_dim] * (config.num_layers - 1) + [config.bottleneck_dim]
         layers: list[nn.Module] = []
-        for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+        for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
             layers.append(nn.Linear(width_in, width_out))
             if index < config.num_layers - 1:  # no norm or activation after the bottleneck
                 layers += [_norm(config.norm, width_out), nn.GELU()]

@@ -175,6 +175,7 @@ def run_epoch(state: TrainingState, loader: Any, sampler: EpochSampler, length: 
         bar.update()
         if state.step % config.run.log_every_steps == 0:
             loss_value = _check_finite(loss, state.step, run_dir)
+            entropy = state.loss.teacher_entropy.item()
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             images_per_second = config.run.log_every_steps * config.train.batch_size / elapsed
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{values.lr:.2e}",
@@ -183,6 +184,7 @@ def run_epoch(state: TrainingState, loader: Any, sampler: EpochSampler, length: 
                 "epoch": epoch, "loss": loss_value, "lr": values.lr,
                 "weight_decay": values.weight_decay, "teacher_momentum": values.teacher_momentum,
                 "teacher_temp": values.teacher_temp, "images_per_second": images_per_second,
+                "teacher_entropy": entropy, "kl_teacher_student": loss_value - entropy,
             })
         if done + steps >= length.steps_per_epoch:
             break
@@ -229,7 +231,8 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
     if config.train.limit_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.train.limit_steps_per_epoch)
     length = schedules.RunLength(steps_per_epoch, config.train.epochs)
-    dataset_views = MultiCropDataset(sources.train, MultiCropTransform(config.data), config.train.seed)
+    transform = MultiCropTransform(config.data)
+    dataset_views = MultiCropDataset(sources.train, transform, config.train.seed)
     loader = training_loader(dataset_views, sampler, micro_batch, config.data.num_workers,
                              pin_memory=state.device.type == "cuda")
     metrics = Metrics(run_dir, config.run.tensorboard)
@@ -262,7 +265,8 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
         knn_text = f", {knn_label}: {knn_end:.1f}%" if "knn_top1" in epoch_values else ""
         say(f"epoch {epoch + 1}/{config.train.epochs}: loss {mean_loss:.4f}{knn_text}")
         if is_main_process():
-            keep = bool(config.run.keep_every_epochs) and (epoch + 1) % config.run.keep_every_epochs == 0
+            every_keep = config.run.keep_every_epochs
+            keep = bool(every_keep) and (epoch + 1) % every_keep == 0
             save_checkpoint(run_dir, state.state_dict(), state.teacher.backbone.state_dict(), keep)
         barrier()
     metrics.close()

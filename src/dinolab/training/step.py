@@ -44,7 +44,8 @@ def _grad_sync(state: TrainingState, enabled: bool) -> contextlib.AbstractContex
 def train_step(state: TrainingState, micro_batches: list[list[torch.Tensor]],
                values: StepValues) -> torch.Tensor:
     """micro_batches: A lists of V views [b, C, H, W] (2 global first) -> mean loss (device)."""
-    student, teacher, optimizer, scaler = state.student, state.teacher, state.optimizer, state.scaler
+    student, teacher = state.student, state.teacher
+    optimizer, scaler = state.optimizer, state.scaler
     set_hyperparameters(optimizer, values.lr, values.weight_decay)
     num_micro = len(micro_batches)
     autocast = torch.autocast(state.device.type, dtype=state.autocast_dtype or torch.float32,

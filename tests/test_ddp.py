@@ -1,0 +1,299 @@
+"""Two processes (gloo on the CPU) train exactly like one process on the whole batch.
+
+DINO_SPEC.md: the student's gradients are averaged over processes (DDP) and the center is the
+mean over ALL processes (an all-reduce), so 2 processes each on half of a global batch give the
+student, teacher, center and (averaged) loss of 1 process on the whole batch.
+
+This file is also the worker: the tests run ``python tests/test_ddp.py MODE OUT [DATA]`` once per
+rank, with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set as torchrun would, and
+compare what the ranks save in OUT with a single process run here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_fashion_mnist, tiny_overrides
+
+from dinolab.config import Config, load_config
+
+WORLD = 2
+BATCH = 8  # global batch: 4 images per process
+STEPS = 3
+ACCUMULATIONS = (1, 2)  # 2: each process accumulates 2 micro-batches of 2 (DDP's no_sync path)
+LR = 1e-3
+TIMEOUT_S = 240
+# Tolerances: the processes compute the same sums in another order (and with 1 thread instead of
+# 2), so results differ by fp32 rounding only (observed: ~1e-7). Loss and center: rtol 1e-4 /
+# atol 1e-6; parameters after 3 AdamW steps at lr 1e-3: atol 1e-6. The attention's key bias is
+# the exception: its gradient is zero in exact arithmetic (softmax ignores a shift shared by all
+# keys), so it is rounding noise that Adam normalises to an update of up to lr per step; it is
+# compared at atol lr * steps (see test_accumulation.py).
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
+KEY_BIAS_TOLERANCE = {"rtol": 0.0, "atol": LR * STEPS}
+
+
+# --- shared by the worker and the tests -----------------------------------------------------
+
+
+def step_config(run_dir: Path) -> Config:
+    """The tiny model in fp32 on the CPU, without drop path (so no random numbers are drawn)."""
+    overrides = tiny_overrides(run_dir / "no-data", run_dir) + [
+        "train.device=cpu", "train.precision=fp32", "model.drop_path_rate=0.0",
+        "model.head.norm=none",
+    ]
+    return load_config(None, overrides)
+
+
+def global_batches() -> list[list[torch.Tensor]]:
+    """STEPS global batches of views (2 global [B, 3, 28, 28], 2 local [B, 3, 14, 14])."""
+    generator = torch.Generator().manual_seed(1)
+    return [[torch.randn(BATCH, 3, size, size, generator=generator) for size in (28, 28, 14, 14)]
+            for _ in range(STEPS)]
+
+
+def run_steps(config: Config, rank: int, world: int, accumulation: int) -> dict[str, Any]:
+    """Build the state from seed 0 and run STEPS train_steps on this rank's slice of each batch."""
+    from dinolab.training.state import build_state
+    from dinolab.training.step import StepValues, train_step
+
+    torch.manual_seed(0)
+    state = build_state(config)
+    losses = []
+    for step, views in enumerate(global_batches()):
+        share = BATCH // world
+        mine = [view[rank * share : (rank + 1) * share] for view in views]
+        micro = share // accumulation
+        micro_batches = [[view[i * micro : (i + 1) * micro] for view in mine]
+                         for i in range(accumulation)]
+        values = StepValues(lr=LR, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.04,
+                            freeze_last_layer=step == 0)
+        losses.append(train_step(state, micro_batches, values).item())
+    return {"losses": torch.tensor(losses), "student": state.student_module.state_dict(),
+            "teacher": state.teacher.state_dict(), "center": state.loss.center.clone()}
+
+
+# --- the worker (one process of a 2-process group) ------------------------------------------
+
+
+def worker(mode: str, out_dir: Path, data_root: Path | None) -> None:
+    from dinolab.distributed import init_distributed, rank, shutdown, world_size
+
+    torch.set_num_threads(1)  # 2 processes on 2 cores
+    init_distributed(torch.device("cpu"))
+    assert world_size() == WORLD
+    me = rank()
+    if mode == "steps":
+        from dinolab.training.state import build_state
+
+        config = step_config(out_dir / "unused")
+        result: dict[str, Any] = {f"accumulation_{k}": run_steps(config, me, WORLD, k)
+                                  for k in ACCUMULATIONS}
+        # What train() does: seed + rank, then build the state (DDP broadcasts rank 0's student).
+        torch.manual_seed(config.train.seed + me)
+        state = build_state(config)
+        result["rank_seeded"] = {"student": state.student_module.state_dict(),
+                                 "teacher": state.teacher.state_dict()}
+        torch.save(result, out_dir / f"rank{me}.pt")
+    elif mode == "train":
+        from dinolab.training import loop
+
+        saved_by_me = []
+        save_checkpoint = loop.save_checkpoint
+
+        def recording_save(*args: Any, **kwargs: Any) -> None:
+            saved_by_me.append(args[1]["epoch"])
+            save_checkpoint(*args, **kwargs)
+
+        loop.save_checkpoint = recording_save  # type: ignore[assignment]
+        assert data_root is not None
+        result = loop.train(load_config(None, train_overrides(data_root, out_dir / "run")))
+        torch.save({"saves": saved_by_me, "epochs_done": result.epochs_done},
+                   out_dir / f"rank{me}.pt")
+    shutdown()
+
+
+# --- the tests ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(mode: str, out_dir: Path, data_root: Path | None = None) -> list[dict[str, Any]]:
+    """Run WORLD worker processes of this file; -> what each rank saved."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = str(free_port())
+    processes, logs = [], []
+    for rank in range(WORLD):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
+        log = open(out_dir / f"rank{rank}.log", "w+")  # noqa: SIM115 (closed below)
+        arguments = [sys.executable, __file__, mode, str(out_dir)]
+        arguments += [str(data_root)] if data_root else []
+        processes.append(subprocess.Popen(arguments, env=env, stdout=log, stderr=subprocess.STDOUT))
+        logs.append(log)
+    try:
+        codes = [process.wait(timeout=TIMEOUT_S) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for log in logs:
+            log.close()
+    for rank, code in enumerate(codes):
+        text = (out_dir / f"rank{rank}.log").read_text()
+        assert code == 0, f"rank {rank} exited with {code}:\n{text[-3000:]}"
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+
+
+def prefixed(prefix: str) -> Callable[[str], str]:
+    """assert_close's ``msg``: keep its numbers (mismatches, greatest difference)."""
+    return lambda message: f"{prefix}: {message}"
+
+
+def split_key_bias(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                            dict[str, torch.Tensor]]:
+    """Separate the key third of every ``qkv.bias`` ([3 * D], rows q, k, v) from the rest."""
+    rest, key_bias = {}, {}
+    for name, value in state.items():
+        if name.endswith("attn.qkv.bias"):
+            query, key, value_part = value.chunk(3)
+            rest[f"{name}[q]"], key_bias[f"{name}[k]"], rest[f"{name}[v]"] = query, key, value_part
+        else:
+            rest[name] = value
+    return rest, key_bias
+
+
+def assert_networks_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                          what: str, tolerance: dict[str, float] = TOLERANCE,
+                          key_bias_tolerance: dict[str, float] = KEY_BIAS_TOLERANCE) -> None:
+    actual_rest, actual_key_bias = split_key_bias(actual)
+    expected_rest, expected_key_bias = split_key_bias(expected)
+    assert expected_key_bias, "the backbone has no qkv bias: update split_key_bias"
+    for parts, tol in ((actual_rest, tolerance), (actual_key_bias, key_bias_tolerance)):
+        reference = expected_rest if parts is actual_rest else expected_key_bias
+        assert parts.keys() == reference.keys(), what
+        for key in reference:
+            torch.testing.assert_close(parts[key], reference[key], **tol,
+                                       msg=prefixed(f"{what}: {key}"))
+
+
+def assert_bitwise_equal(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor],
+                         what: str) -> None:
+    assert first.keys() == second.keys(), what
+    different = [key for key in first if not torch.equal(first[key], second[key])]
+    assert not different, f"{what}: these tensors differ: {different}"
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return launch("steps", tmp_path_factory.mktemp("ddp_steps"))
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return run_steps(step_config(tmp_path_factory.mktemp("one")), rank=0, world=1, accumulation=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", ACCUMULATIONS)
+def test_two_processes_equal_one_process(ranks: list[dict[str, Any]],
+                                         one_process: dict[str, Any], accumulation: int) -> None:
+    name = f"accumulation_{accumulation}"
+    mean_loss = torch.stack([rank[name]["losses"] for rank in ranks]).mean(dim=0)
+    torch.testing.assert_close(mean_loss, one_process["losses"], **TOLERANCE)
+    for rank in ranks:
+        assert_networks_close(rank[name]["student"], one_process["student"], "student")
+        assert_networks_close(rank[name]["teacher"], one_process["teacher"], "teacher")
+        torch.testing.assert_close(rank[name]["center"], one_process["center"], **TOLERANCE)
+    # Not vacuous: the halves differ, so the per-rank losses differ, and the center moved.
+    assert not torch.allclose(ranks[0][name]["losses"], ranks[1][name]["losses"])
+    assert one_process["center"].abs().sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", ACCUMULATIONS)
+def test_ranks_hold_identical_state(ranks: list[dict[str, Any]], accumulation: int) -> None:
+    """Averaged gradients and an all-reduced center leave every rank with the same bits."""
+    first, second = (rank[f"accumulation_{accumulation}"] for rank in ranks)
+    assert_bitwise_equal(first["student"], second["student"], "student")
+    assert_bitwise_equal(first["teacher"], second["teacher"], "teacher")
+    assert torch.equal(first["center"], second["center"])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "src bug: build_state copies the student into the teacher before wrapping the student in "
+    "DDP; DDP then broadcasts rank 0's student, but each rank keeps a teacher initialised from "
+    "its own seed (train() seeds seed + rank), so the teachers differ between ranks"))
+def test_teacher_starts_as_the_student_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+    """As train() builds it (seed + rank): one student and one identical teacher on all ranks."""
+    first, second = (rank["rank_seeded"] for rank in ranks)
+    assert_bitwise_equal(first["student"], second["student"], "student")  # DDP's broadcast
+    for rank in (first, second):
+        assert_bitwise_equal(rank["teacher"], rank["student"], "teacher vs student")
+    assert_bitwise_equal(first["teacher"], second["teacher"], "teacher")
+
+
+# --- a full run under 2 processes -----------------------------------------------------------
+
+
+def train_overrides(data_root: Path, run_dir: Path) -> list[str]:
+    return tiny_overrides(data_root, run_dir) + ["train.epochs=1", "train.device=cpu",
+                                                 "model.drop_path_rate=0.0"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    base = tmp_path_factory.mktemp("ddp_train")
+    data_root = make_fashion_mnist(base / "fashion")
+    return base, launch("train", base / "two", data_root)
+
+
+@pytest.mark.slow
+def test_train_under_two_processes_writes_one_checkpoint(
+        two_process_run: tuple[Path, list[dict[str, Any]]]) -> None:
+    base, ranks = two_process_run
+    assert [rank["epochs_done"] for rank in ranks] == [1, 1]
+    assert ranks[0]["saves"] == [1] and ranks[1]["saves"] == []  # rank 0 alone writes
+    checkpoint = torch.load(base / "two" / "run" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    assert checkpoint["step"] == 96 // 16  # 96 images, global batch 16
+    assert checkpoint["samples_into_epoch"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "src bug: under DDP each rank's teacher starts from its own seed (see "
+    "test_teacher_starts_as_the_student_on_every_rank), so rank 1 computes other teacher "
+    "outputs and the 2-process run drifts from the 1-process run"))
+def test_train_under_two_processes_equals_one_process(
+        two_process_run: tuple[Path, list[dict[str, Any]]]) -> None:
+    from dinolab.training.loop import train
+
+    base, _ = two_process_run
+    train(load_config(None, train_overrides(base / "fashion", base / "one" / "run")))
+    two = torch.load(base / "two" / "run" / "checkpoint.pt", weights_only=True)
+    one = torch.load(base / "one" / "run" / "checkpoint.pt", weights_only=True)
+    assert two["step"] == one["step"]
+    # 6 steps at the tiny config's peak lr (5e-4 * 16 / 256 = 3.1e-5): key-bias bound lr * steps.
+    key_bias = {"rtol": 0.0, "atol": 6 * 3.2e-5}
+    assert_networks_close(two["student"], one["student"], "student", TOLERANCE, key_bias)
+    assert_networks_close(two["teacher"], one["teacher"], "teacher", TOLERANCE, key_bias)
+    torch.testing.assert_close(two["loss"]["center"], one["loss"]["center"], **TOLERANCE)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
