@@ -27,7 +27,7 @@ def make_fashion_mnist(root: Path, num_train: int = 96, num_test: int = 32, seed
     for prefix, count in (("train", num_train), ("t10k", num_test)):
         labels = rng.integers(0, 4, size=count)
         images = rng.integers(0, 60, size=(count, 28, 28))
-        for image, label in zip(images, labels):
+        for image, label in zip(images, labels, strict=True):
             top, left = (label // 2) * 14, (label % 2) * 14
             image[top + 2 : top + 12, left + 2 : left + 12] += 180
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)

@@ -138,7 +138,7 @@ def launch(mode: str, out_dir: Path, data_root: Path | None = None) -> list[dict
     for rank in range(WORLD):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
-        log = open(out_dir / f"rank{rank}.log", "w+")  # noqa: SIM115 (closed below)
+        log = open(out_dir / f"rank{rank}.log", "w")  # closed below
         arguments = [sys.executable, __file__, mode, str(out_dir)]
         arguments += [str(data_root)] if data_root else []
         processes.append(subprocess.Popen(arguments, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -234,10 +234,6 @@ def test_ranks_hold_identical_state(ranks: list[dict[str, Any]], accumulation: i
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: build_state copies the student into the teacher before wrapping the student in "
-    "DDP; DDP then broadcasts rank 0's student, but each rank keeps a teacher initialised from "
-    "its own seed (train() seeds seed + rank), so the teachers differ between ranks"))
 def test_teacher_starts_as_the_student_on_every_rank(ranks: list[dict[str, Any]]) -> None:
     """As train() builds it (seed + rank): one student and one identical teacher on all ranks."""
     first, second = (rank["rank_seeded"] for rank in ranks)
@@ -275,10 +271,6 @@ def test_train_under_two_processes_writes_one_checkpoint(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: under DDP each rank's teacher starts from its own seed (see "
-    "test_teacher_starts_as_the_student_on_every_rank), so rank 1 computes other teacher "
-    "outputs and the 2-process run drifts from the 1-process run"))
 def test_train_under_two_processes_equals_one_process(
         two_process_run: tuple[Path, list[dict[str, Any]]]) -> None:
     from dinolab.training.loop import train

@@ -97,6 +97,16 @@ def test_cnn_backbone_through_the_same_path(tmp_path: Path, backbone: str) -> No
     torch.testing.assert_close(grouped, per_view, rtol=1e-5, atol=1e-5)
 
 
+def test_readme_cnn_example_builds_on_the_demo_preset(tmp_path: Path) -> None:
+    config = load_config(None, ["data.source=folder", f"data.root={tmp_path}",
+                                "model.backbone=resnet18", "data.global_crop_size=128",
+                                "data.local_crop_size=64", "model.backbone_kwargs={}"])
+    network = build_network(config, drop_path_rate=0.0).eval()
+    with torch.no_grad():
+        out = network(_views(1, [128, 64]))
+    assert out.shape == (2, config.model.head.out_dim)
+
+
 def test_train_mode_keeps_gradients_to_the_backbone(tmp_path: Path) -> None:
     network = build_network(_tiny_vit_config(tmp_path), drop_path_rate=0.0).train()
     out = network(_views(2, [28, 28, 14]))

@@ -4,12 +4,17 @@ DESIGN.md (principle 9): every piece of training state is in the checkpoint (stu
 center, optimizer, step, sampler position, RNG), so a resumed run continues exactly. The run
 folder holds one configuration: a restart with another one is refused, except for the keys
 that only say where the run happens and how it reports (loop.RESUMABLE_CHANGES), such as
-data.num_workers, which cannot change the result: each image's views are seeded by
-(seed, epoch, index), not by the worker that builds them.
+data.num_workers, which must not change the result: each image's views are seeded by
+(seed, epoch, index), not by the worker that builds them (data/loader.py).
+
+The runs use the tiny config with a 2-block ViT and drop path 0.1 (the reference default) so
+that the student draws from the global RNG, which the checkpoint must restore. (With one block
+timm's drop-path schedule gives the only block a rate of 0.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +22,19 @@ import pytest
 import torch
 from conftest import make_fashion_mnist, tiny_overrides
 
-from dinolab.config import ConfigError, load_config
+from dinolab.config import Config, ConfigError, load_config
 from dinolab.training import loop
 from dinolab.training.checkpoint import LATEST
 
 STEPS_PER_EPOCH = 96 // 16  # make_fashion_mnist's 96 train images, the tiny config's batch of 16
-
-
+WITH_DROP_PATH = ("train.device=cpu", "model.drop_path_rate=0.1",
+                  "model.backbone_kwargs={depth: 2, embed_dim: 32, num_heads: 2}")
 class Interrupted(Exception):
     """Stands for a killed run (the process stops between two epochs)."""
 
 
-def config_for(data_root: Path, run_dir: Path, *extra: str):
-    return load_config(None, tiny_overrides(data_root, run_dir) + ["train.device=cpu", *extra])
+def config_for(data_root: Path, run_dir: Path, *extra: str) -> Config:
+    return load_config(None, tiny_overrides(data_root, run_dir) + [*WITH_DROP_PATH, *extra])
 
 
 def checkpoint(run_dir: Path) -> dict[str, Any]:
@@ -37,19 +42,20 @@ def checkpoint(run_dir: Path) -> dict[str, Any]:
 
 
 def assert_same_training_state(actual: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Bit-for-bit: student, teacher, center, optimizer state and the position."""
+    """Bit for bit: student, teacher, center, optimizer state, position and RNG."""
     for part in ("student", "teacher", "loss"):
         assert actual[part].keys() == expected[part].keys(), part
         different = [key for key in expected[part]
                      if not torch.equal(actual[part][key], expected[part][key])]
         assert not different, f"{part} differs: {different}"
-    actual_optimizer, expected_optimizer = actual["optimizer"]["state"], expected["optimizer"]["state"]
-    assert actual_optimizer.keys() == expected_optimizer.keys()
-    for index, moments in expected_optimizer.items():
+    actual_moments, expected_moments = actual["optimizer"]["state"], expected["optimizer"]["state"]
+    assert actual_moments.keys() == expected_moments.keys()
+    for index, moments in expected_moments.items():
         for name, value in moments.items():
-            assert torch.equal(actual_optimizer[index][name], value), f"optimizer {index} {name}"
+            assert torch.equal(actual_moments[index][name], value), f"optimizer {index} {name}"
     for key in ("epoch", "step", "samples_into_epoch"):
         assert actual[key] == expected[key], key
+    assert torch.equal(actual["rng"]["torch"], expected["rng"]["torch"]), "RNG state"
 
 
 @pytest.fixture(scope="module")
@@ -58,19 +64,28 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference: 2 epochs in one go (data.num_workers=0)."""
-    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    result = loop.train(config_for(data_root, run_dir))
-    assert result.epochs_done == 2
-    return run_dir
+def uninterrupted(data_root: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """uninterrupted(*overrides) -> the folder of a run done in one go (each run made once)."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def run(*overrides: str) -> Path:
+        if overrides not in runs:
+            run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+            config = config_for(data_root, run_dir, *overrides)
+            assert loop.train(config).epochs_done == config.train.epochs
+            runs[overrides] = run_dir
+        return runs[overrides]
+
+    return run
 
 
-def test_resumed_run_equals_uninterrupted_run(data_root: Path, uninterrupted: Path,
-                                              tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    run_dir = tmp_path / "run"
-    config = config_for(data_root, run_dir)
+def interrupted_then_resumed(config: Config, monkeypatch: pytest.MonkeyPatch,
+                             ) -> tuple[list[int], dict[str, Any]]:
+    """Train, stop at the start of epoch 2, train again in the same folder.
+
+    -> (the epochs run_epoch was called for, the checkpoint the stopped run left)
+    """
     run_epoch = loop.run_epoch
     epochs_run: list[int] = []
 
@@ -80,52 +95,81 @@ def test_resumed_run_equals_uninterrupted_run(data_root: Path, uninterrupted: Pa
         epochs_run.append(state.epoch)
         return run_epoch(state, *args)
 
-    monkeypatch.setattr(loop, "run_epoch", stop_at_second_epoch)
-    with pytest.raises(Interrupted):
-        loop.train(config)
-    stopped = checkpoint(run_dir)
-    assert (stopped["epoch"], stopped["step"]) == (1, STEPS_PER_EPOCH)
-    # Not vacuous: the second epoch moves the state, so a resume that skipped it would fail.
-    with pytest.raises(AssertionError):
-        assert_same_training_state(stopped, checkpoint(uninterrupted))
-
     def record(state: Any, *args: Any) -> float:
         epochs_run.append(state.epoch)
         return run_epoch(state, *args)
 
+    monkeypatch.setattr(loop, "run_epoch", stop_at_second_epoch)
+    with pytest.raises(Interrupted):
+        loop.train(config)
+    stopped = checkpoint(Path(config.run.dir))
+    assert (stopped["epoch"], stopped["step"]) == (1, STEPS_PER_EPOCH)
     monkeypatch.setattr(loop, "run_epoch", record)
-    result = loop.train(config)  # the same folder: resumes from checkpoint.pt
-    assert result.epochs_done == 2
-    assert epochs_run == [0, 1]  # epoch 0 once, before the stop; epoch 1 once, after it
-    assert_same_training_state(checkpoint(run_dir), checkpoint(uninterrupted))
+    assert loop.train(config).epochs_done == 2  # the same folder: resumes from checkpoint.pt
+    monkeypatch.setattr(loop, "run_epoch", run_epoch)
+    return epochs_run, stopped
+
+
+def test_resumed_run_equals_uninterrupted_run(data_root: Path,
+                                              uninterrupted: Callable[..., Path],
+                                              tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = checkpoint(uninterrupted())
+    epochs_run, stopped = interrupted_then_resumed(config_for(data_root, tmp_path / "run"),
+                                                   monkeypatch)
+    assert epochs_run == [0, 1]  # epoch 0 once before the stop, epoch 1 once after it
+    # Not vacuous: the second epoch changes the state (a resume that skipped it would fail).
+    with pytest.raises(AssertionError):
+        assert_same_training_state(stopped, reference)
+    assert_same_training_state(checkpoint(tmp_path / "run"), reference)
 
 
 @pytest.mark.parametrize("change", ["model.head.out_dim=128", "train.epochs=3", "optim.lr=0.001"])
-def test_run_folder_refuses_another_configuration(data_root: Path, uninterrupted: Path,
+def test_run_folder_refuses_another_configuration(data_root: Path,
+                                                  uninterrupted: Callable[..., Path],
                                                   change: str) -> None:
-    saved_config = (uninterrupted / "config.yaml").read_text()
-    saved_checkpoint = (uninterrupted / LATEST).read_bytes()
+    run_dir = uninterrupted()
+    saved_config = (run_dir / "config.yaml").read_text()
+    saved_checkpoint = (run_dir / LATEST).read_bytes()
     key = change.split("=")[0]
     with pytest.raises(ConfigError, match=rf"another configuration: {key} \(") as error:
-        loop.train(config_for(data_root, uninterrupted, change))
+        loop.train(config_for(data_root, run_dir, change))
     assert "new run.dir" in str(error.value)
-    assert (uninterrupted / "config.yaml").read_text() == saved_config
-    assert (uninterrupted / LATEST).read_bytes() == saved_checkpoint
+    assert (run_dir / "config.yaml").read_text() == saved_config
+    assert (run_dir / LATEST).read_bytes() == saved_checkpoint
 
 
-def test_run_folder_accepts_where_and_how_changes(data_root: Path, uninterrupted: Path) -> None:
+def test_run_folder_accepts_where_and_how_changes(data_root: Path,
+                                                  uninterrupted: Callable[..., Path]) -> None:
     """num_workers and logging may change on restart; a finished run has nothing left to do."""
-    saved_checkpoint = (uninterrupted / LATEST).read_bytes()
-    result = loop.train(config_for(data_root, uninterrupted, "data.num_workers=1",
+    run_dir = uninterrupted()
+    saved_checkpoint = (run_dir / LATEST).read_bytes()
+    result = loop.train(config_for(data_root, run_dir, "data.num_workers=1",
                                    "run.log_every_steps=3", "eval.knn_k=5"))
     assert result.epochs_done == 2
-    assert (uninterrupted / LATEST).read_bytes() == saved_checkpoint
+    assert (run_dir / LATEST).read_bytes() == saved_checkpoint
 
 
 @pytest.mark.slow
-def test_worker_processes_do_not_change_the_result(data_root: Path, uninterrupted: Path,
-                                                   tmp_path: Path) -> None:
-    """data.num_workers=2 (persistent workers, prefetch) trains exactly like num_workers=0."""
-    run_dir = tmp_path / "run"
-    loop.train(config_for(data_root, run_dir, "data.num_workers=2"))
-    assert_same_training_state(checkpoint(run_dir), checkpoint(uninterrupted))
+def test_worker_processes_give_the_same_first_epoch(uninterrupted: Callable[..., Path]) -> None:
+    """data.num_workers=2 (persistent workers, prefetch) trains epoch 1 like num_workers=0."""
+    in_process = checkpoint(uninterrupted("train.epochs=1"))
+    with_workers = checkpoint(uninterrupted("train.epochs=1", "data.num_workers=2"))
+    assert_same_training_state(with_workers, in_process)
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_run(uninterrupted: Callable[..., Path]) -> None:
+    """Over 2 epochs (drop path on), num_workers=2 must train like num_workers=0."""
+    assert_same_training_state(checkpoint(uninterrupted("data.num_workers=2")),
+                               checkpoint(uninterrupted()))
+
+
+@pytest.mark.slow
+def test_resumed_run_with_workers_equals_uninterrupted_run(
+        data_root: Path, uninterrupted: Callable[..., Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = checkpoint(uninterrupted("data.num_workers=2"))
+    config = config_for(data_root, tmp_path / "run", "data.num_workers=2")
+    assert interrupted_then_resumed(config, monkeypatch)[0] == [0, 1]
+    assert_same_training_state(checkpoint(tmp_path / "run"), reference)

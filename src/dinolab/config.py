@@ -10,7 +10,9 @@ never written back into the config.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -173,15 +175,46 @@ def load_config(preset_or_yaml: str | None = None, overrides: list[str] | None =
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
-    schema = OmegaConf.structured(Config)
+    merged = OmegaConf.structured(Config)
     try:
-        merged = OmegaConf.merge(schema, _read_base(preset_or_yaml))
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+        for layer in (_read_base(preset_or_yaml), OmegaConf.from_dotlist(overrides)):
+            merged = OmegaConf.merge(_reset_backbone_kwargs(merged, layer), layer)
+        config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as error:
         raise ConfigError(_describe(error)) from None
-    config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _normalise(config)
     validate(config)
     return config
+
+
+def _reset_backbone_kwargs(merged: DictConfig, layer: DictConfig) -> DictConfig:
+    """model.backbone_kwargs belong to one backbone: a layer that names another backbone, or
+    gives its own kwargs, replaces them instead of merging key by key."""
+    model = layer.get("model") or {}
+    new_backbone = "backbone" in model and model["backbone"] != merged.model.backbone
+    if new_backbone or "backbone_kwargs" in model:
+        merged = merged.copy()
+        OmegaConf.update(merged, "model.backbone_kwargs", {}, merge=False)
+    return merged
+
+
+def _normalise(config: Config) -> None:
+    """Paths get ``~`` expanded; tuple fields (OmegaConf gives lists) become tuples of the
+    declared length, or a ConfigError naming the key."""
+    config.data.root = os.path.expanduser(config.data.root)
+    config.run.dir = os.path.expanduser(config.run.dir)
+    if config.model.weights:
+        config.model.weights = os.path.expanduser(config.model.weights)
+    for section_name in ("data", "optim"):
+        section = getattr(config, section_name)
+        for item in dataclasses.fields(section):
+            value = getattr(section, item.name)
+            if isinstance(value, (list, tuple)):
+                expected = len(getattr(type(section)(), item.name))
+                if len(value) != expected:
+                    raise ConfigError(f"invalid value for {section_name}.{item.name}: expected "
+                                      f"{expected} numbers, got {len(value)}")
+                setattr(section, item.name, tuple(value))
 
 
 def _describe(error: OmegaConfBaseException) -> str:
@@ -202,7 +235,9 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 def from_dict(values: dict[str, Any]) -> Config:
     merged = OmegaConf.merge(OmegaConf.structured(Config), values)
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _normalise(config)
+    return config
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -254,7 +289,7 @@ def validate(config: Config) -> None:
     _require(loss.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs", ">= 0")
     _require(0 <= loss.center_momentum < 1, "loss.center_momentum", "must be in [0, 1)")
 
-    _require(optim.lr > 0, "optim.lr", "must be > 0")
+    _require(0 < optim.lr < math.inf, "optim.lr", "must be > 0 and finite")
     _require(0 <= optim.min_lr <= optim.lr, "optim.min_lr", "must be in [0, optim.lr]")
     _require(optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
     _require(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -292,5 +327,3 @@ def validate(config: Config) -> None:
     _require(bool(config.run.dir), "run.dir", "must not be empty")
     _require(config.run.keep_every_epochs >= 0, "run.keep_every_epochs", "must be >= 0")
     _require(config.run.log_every_steps > 0, "run.log_every_steps", "must be > 0")
-    if not math.isfinite(optim.lr):
-        raise ConfigError("invalid value for optim.lr: must be finite")

@@ -39,8 +39,9 @@ def extract_features(backbone: nn.Module, images: Dataset, transform: EvalTransf
     """-> (features [N, D] L2-normalised float32 on CPU, labels [N])."""
     was_training = backbone.training
     backbone.eval()
+    # The loader's own generator leaves the global RNG (drop path) untouched.
     loader = DataLoader(_Transformed(images, transform), batch_size=batch_size,
-                        num_workers=num_workers)
+                        num_workers=num_workers, generator=torch.Generator())
     features, labels = [], []
     for batch, batch_labels in loader:
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,

@@ -218,11 +218,14 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
     if num_images < config.train.batch_size:
         raise ConfigError(f"invalid value for train.batch_size: {config.train.batch_size} is "
                           f"larger than the data set ({num_images} images)")
+    state = build_state(config)  # before the run folder: a bad backbone leaves nothing behind
     run_dir = prepare_run_dir(config)
-    state = build_state(config)
     if (run_dir / LATEST).is_file():
         state.load_state_dict(load_checkpoint(run_dir / LATEST))
-        say(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
+        if state.epoch >= config.train.epochs:
+            say(f"{run_dir} holds a finished run ({state.epoch} epochs); nothing to do")
+        else:
+            say(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
 
     batch_per_process = config.train.batch_size // processes
     micro_batch = batch_per_process // config.train.accumulation_steps

@@ -62,8 +62,8 @@ def teacher_momentum(config: Config, length: RunLength, step: int) -> float:
 
 
 def teacher_temperature(config: Config, epoch: int) -> float:
-    loss = config.loss
     """Linear from warmup_teacher_temp (epoch 0) to teacher_temp (last warm-up epoch)."""
+    loss = config.loss
     if epoch < loss.warmup_teacher_temp_epochs:
         fraction = epoch / max(loss.warmup_teacher_temp_epochs - 1, 1)
         return loss.warmup_teacher_temp + fraction * (loss.teacher_temp - loss.warmup_teacher_temp)
