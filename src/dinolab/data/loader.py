@@ -1,0 +1,83 @@
+"""Sampling and loading: every process sees its own shard of a per-epoch permutation.
+
+``EpochSampler`` yields (index, epoch) pairs. The epoch travels with the index to the worker
+process, where it seeds the augmentation of that image, so persistent workers need no
+notification when an epoch starts and the views depend on (seed, epoch, index) only. The
+sampler's position (epoch, samples already consumed by this process) is training state: a
+resumed run continues mid-epoch without replaying or skipping images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dinolab.data.transforms import MultiCropTransform
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant to spread (seed, epoch, index) over 64 bits
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * _MIX + epoch * 1_000_003 + index * 7_919 + 12345) % (2**63 - 1)
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """A shuffled, rank-sharded, resumable sampler (DistributedSampler semantics, drop_last)."""
+
+    def __init__(self, dataset_size: int, batch_per_process: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.dataset_size = dataset_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        global_batch = batch_per_process * world_size
+        self.batches_per_epoch = dataset_size // global_batch
+        self.samples_per_process = self.batches_per_epoch * batch_per_process
+        self.epoch = 0
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        """Start ``epoch`` after the first ``start`` samples of this process's shard."""
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.samples_per_process - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.dataset_size, generator=generator)
+        used = order[: self.samples_per_process * self.world_size]
+        shard = used[self.rank :: self.world_size][self.start :]
+        for index in shard.tolist():
+            yield index, self.epoch
+
+
+class MultiCropDataset(Dataset):
+    """(index, epoch) -> the list of views of that image."""
+
+    def __init__(self, images: Dataset, transform: MultiCropTransform, seed: int) -> None:
+        self.images = images
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
+        index, epoch = key
+        image, _ = self.images[index]
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        return self.transform(image, generator)
+
+
+def training_loader(dataset: MultiCropDataset, sampler: EpochSampler, batch_per_process: int,
+                    num_workers: int, pin_memory: bool) -> DataLoader:
+    # The loader's own generator: a DataLoader otherwise draws worker seeds from the global RNG
+    # at every new iterator, which would shift the model's drop-path masks with num_workers.
+    return DataLoader(
+        dataset, batch_size=batch_per_process, sampler=sampler, drop_last=True,
+        num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator(),
+        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+    )
