@@ -88,7 +88,8 @@ def fashion_mnist_folder(root: str) -> Path | None:
     if not root:
         candidates.append(SYSTEM_FASHION_MNIST)
     for folder in candidates:
-        if _find_idx(folder, "train-images-idx3-ubyte") and _find_idx(folder, "t10k-images-idx3-ubyte"):
+        names = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
+        if all(_find_idx(folder, name) for name in names):
             return folder
     return None
 
