@@ -48,7 +48,7 @@ def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
         "model.backbone=vit_tiny_patch16_224", "model.patch_size=7",
         "model.backbone_kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
         "model.head.out_dim=64", "model.head.hidden_dim=32", "model.head.bottleneck_dim=16",
-        "train.epochs=2", "train.batch_size=16", "optim.warmup_epochs=1",
+        "train.epochs=2", "train.batch_size=16", "optim.warmup_epochs=1", "train.precision=fp32",
         "eval.knn_every_epochs=0", "eval.batch_size=64",
         "run.progress_bar=false", "run.tensorboard=false", "run.log_every_steps=2",
         f"run.dir={run_dir}",

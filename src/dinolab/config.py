@@ -101,7 +101,7 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 1024  # images per optimizer step, over all processes and micro-batches
     accumulation_steps: int = 1
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA, else fp32)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 where native, else fp32)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     deterministic: bool = True  # deterministic algorithms (CPU runs are reproducible bit for bit)

@@ -34,12 +34,21 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 teacher_temp: float) -> torch.Tensor:
-        """student_logits: [V * B, K]; teacher_logits: [2 * B, K], both view-major -> scalar."""
+        """student_logits: [V * B, K]; teacher_logits: [2 * B, K], both view-major -> scalar.
+
+        Computed in fp32 even under autocast: the softmaxes and the pair reduction over K
+        classes lose too much in bf16 (the loss itself would be rounded to 8 mantissa bits).
+        """
+        with torch.autocast(student_logits.device.type, enabled=False):
+            return self._loss(student_logits.float(), teacher_logits.float(), teacher_temp)
+
+    def _loss(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+              teacher_temp: float) -> torch.Tensor:
         num_teacher_views = 2
         batch = teacher_logits.shape[0] // num_teacher_views
         num_student_views = student_logits.shape[0] // batch
-        student_log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
-        teacher_probs = F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+        student_log_probs = F.log_softmax(student_logits / self.student_temp, dim=-1)
+        teacher_probs = F.softmax((teacher_logits - self.center) / teacher_temp, dim=-1)
         student_log_probs = student_log_probs.view(num_student_views, batch, -1)
         teacher_probs = teacher_probs.detach().view(num_teacher_views, batch, -1)
         self.teacher_entropy = torch.special.entr(teacher_probs).sum(-1).mean()
