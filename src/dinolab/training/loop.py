@@ -199,6 +199,44 @@ def _training_sources(config: Config, dataset: Dataset | None) -> Sources:
     return Sources(train=wrapped)
 
 
+def _check_batch(config: Config, num_images: int) -> None:
+    processes, accumulation = world_size(), config.train.accumulation_steps
+    if config.train.batch_size % (processes * accumulation):
+        raise ConfigError(
+            f"invalid value for train.batch_size: {config.train.batch_size} is not divisible by "
+            f"{processes} processes x {accumulation} accumulation steps"
+        )
+    if num_images < config.train.batch_size:
+        raise ConfigError(f"invalid value for train.batch_size: {config.train.batch_size} is "
+                          f"larger than the data set ({num_images} images)")
+
+
+def _resume(state: TrainingState, run_dir: Path) -> None:
+    if not (run_dir / LATEST).is_file():
+        return
+    state.load_state_dict(load_checkpoint(run_dir / LATEST))
+    if state.epoch >= state.config.train.epochs:
+        say(f"{run_dir} holds a finished run ({state.epoch} epochs); nothing to do")
+    else:
+        say(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
+
+
+def _data_pipeline(config: Config, images: Dataset, pin_memory: bool,
+                   ) -> tuple[Any, EpochSampler, schedules.RunLength]:
+    """The multi-crop loader, its sampler, and the run length in optimizer steps."""
+    processes = world_size()
+    batch_per_process = config.train.batch_size // processes
+    micro_batch = batch_per_process // config.train.accumulation_steps
+    sampler = EpochSampler(len(images), batch_per_process, config.train.seed,  # type: ignore[arg-type]
+                           rank(), processes)
+    steps_per_epoch = sampler.batches_per_epoch
+    if config.train.limit_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.train.limit_steps_per_epoch)
+    views = MultiCropDataset(images, MultiCropTransform(config.data), config.train.seed)
+    loader = training_loader(views, sampler, micro_batch, config.data.num_workers, pin_memory)
+    return loader, sampler, schedules.RunLength(steps_per_epoch, config.train.epochs)
+
+
 def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
     """Run (or resume) DINO pre-training as configured; ``dataset`` replaces data.source.
 
@@ -208,36 +246,12 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
     init_distributed(resolve_device(config.train.device))
     _seed_everything(config)
     sources = _training_sources(config, dataset)
-    processes = world_size()
-    if config.train.batch_size % (processes * config.train.accumulation_steps):
-        raise ConfigError(
-            f"invalid value for train.batch_size: {config.train.batch_size} is not divisible by "
-            f"{processes} processes x {config.train.accumulation_steps} accumulation steps"
-        )
     num_images = len(sources.train)  # type: ignore[arg-type]
-    if num_images < config.train.batch_size:
-        raise ConfigError(f"invalid value for train.batch_size: {config.train.batch_size} is "
-                          f"larger than the data set ({num_images} images)")
+    _check_batch(config, num_images)
     state = build_state(config)  # before the run folder: a bad backbone leaves nothing behind
     run_dir = prepare_run_dir(config)
-    if (run_dir / LATEST).is_file():
-        state.load_state_dict(load_checkpoint(run_dir / LATEST))
-        if state.epoch >= config.train.epochs:
-            say(f"{run_dir} holds a finished run ({state.epoch} epochs); nothing to do")
-        else:
-            say(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
-
-    batch_per_process = config.train.batch_size // processes
-    micro_batch = batch_per_process // config.train.accumulation_steps
-    sampler = EpochSampler(num_images, batch_per_process, config.train.seed, rank(), processes)
-    steps_per_epoch = sampler.batches_per_epoch
-    if config.train.limit_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.train.limit_steps_per_epoch)
-    length = schedules.RunLength(steps_per_epoch, config.train.epochs)
-    transform = MultiCropTransform(config.data)
-    dataset_views = MultiCropDataset(sources.train, transform, config.train.seed)
-    loader = training_loader(dataset_views, sampler, micro_batch, config.data.num_workers,
-                             pin_memory=state.device.type == "cuda")
+    _resume(state, run_dir)
+    loader, sampler, length = _data_pipeline(config, sources.train, state.device.type == "cuda")
     metrics = Metrics(run_dir, config.run.tensorboard)
     eval_transform = EvalTransform(config.data)
     knn_label = f"k-NN top-1 (k={config.eval.knn_k})"
@@ -249,18 +263,16 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
             say(f"{knn_label}: {knn_start:.1f}% (teacher at initialisation)")
             metrics.log("knn", 0, {"epoch": 0, "knn_top1": knn_start})
     say(f"training {config.model.backbone} on {num_images} images: {length.epochs} epochs of "
-        f"{steps_per_epoch} steps, batch {config.train.batch_size}, {processes} process(es), "
-        f"{state.device.type}")
+        f"{length.steps_per_epoch} steps, batch {config.train.batch_size}, "
+        f"{world_size()} process(es), {state.device.type}")
 
     knn_end = None
     for epoch in range(state.epoch, config.train.epochs):
         state.epoch = epoch
         mean_loss = run_epoch(state, loader, sampler, length, metrics, run_dir)
         state.epoch, state.samples_into_epoch = epoch + 1, 0
-        last = epoch + 1 == config.train.epochs
-        every = config.eval.knn_every_epochs
         epoch_values: dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss}
-        if last or (every and (epoch + 1) % every == 0):
+        if _due(epoch + 1, config.eval.knn_every_epochs, config.train.epochs):
             knn_end = knn_monitor(state, sources, eval_transform)
             if knn_end is not None:
                 epoch_values["knn_top1"] = knn_end
@@ -268,8 +280,7 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
         knn_text = f", {knn_label}: {knn_end:.1f}%" if "knn_top1" in epoch_values else ""
         say(f"epoch {epoch + 1}/{config.train.epochs}: loss {mean_loss:.4f}{knn_text}")
         if is_main_process():
-            every_keep = config.run.keep_every_epochs
-            keep = bool(every_keep) and (epoch + 1) % every_keep == 0
+            keep = _due(epoch + 1, config.run.keep_every_epochs, None)
             save_checkpoint(run_dir, state.state_dict(), state.teacher.backbone.state_dict(), keep)
         barrier()
     metrics.close()
@@ -277,3 +288,8 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
     if knn_end is not None:
         say(f"{knn_label}: {knn_end:.1f}% (trained teacher, {seconds / 60:.1f} min)")
     return TrainResult(run_dir, state.epoch, knn_start, knn_end, seconds)
+
+
+def _due(epoch: int, every: int, last: int | None) -> bool:
+    """True at every ``every``-th epoch (never when 0) and at the ``last`` one."""
+    return epoch == last or (every > 0 and epoch % every == 0)
