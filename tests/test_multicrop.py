@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_overrides
 from torch import nn
 
-from dinolab.config import Config, load_config
+from dinolab.config import Config, ConfigError, load_config
 from dinolab.models.multicrop import MultiCropNetwork, resolution_groups
 from dinolab.training.state import build_network
 
@@ -113,3 +113,13 @@ def test_train_mode_keeps_gradients_to_the_backbone(tmp_path: Path) -> None:
     out.sum().backward()
     grads = [p.grad for p in network.backbone.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("data.global_crop_size=32", "data.global_crop_size"),
+    ("data.local_crop_size=10", "data.local_crop_size"),
+])
+def test_crop_not_a_multiple_of_the_patch_is_a_config_error(override: str, key: str) -> None:
+    config = load_config(None, ["model.patch_size=7", override])
+    with pytest.raises(ConfigError, match=key):
+        build_network(config, drop_path_rate=0.0)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dinolab.config import Config
+from dinolab.config import Config, ConfigError
 from dinolab.distributed import world_size
 from dinolab.losses import DINOLoss
 from dinolab.models.backbone import create_backbone, feature_dim
@@ -51,6 +51,14 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 
 def build_network(config: Config, drop_path_rate: float) -> MultiCropNetwork:
     backbone = create_backbone(config.model, config.data.global_crop_size, drop_path_rate)
+    patch_embed = getattr(backbone, "patch_embed", None)
+    if patch_embed is not None and not getattr(patch_embed, "dynamic_img_pad", True):
+        patch = patch_embed.patch_size[0]
+        for key in ("global_crop_size", "local_crop_size"):
+            size = getattr(config.data, key)
+            if size % patch:
+                raise ConfigError(f"invalid value for data.{key}: {size} is not a multiple of "
+                                  f"the backbone's patch size {patch}")
     return MultiCropNetwork(backbone, DINOHead(feature_dim(backbone), config.model.head))
 
 
