@@ -29,6 +29,8 @@ from dinolab.training.checkpoint import LATEST
 STEPS_PER_EPOCH = 96 // 16  # make_fashion_mnist's 96 train images, the tiny config's batch of 16
 WITH_DROP_PATH = ("train.device=cpu", "model.drop_path_rate=0.1",
                   "model.backbone_kwargs={depth: 2, embed_dim: 32, num_heads: 2}")
+
+
 class Interrupted(Exception):
     """Stands for a killed run (the process stops between two epochs)."""
 
@@ -173,3 +175,14 @@ def test_resumed_run_with_workers_equals_uninterrupted_run(
     config = config_for(data_root, tmp_path / "run", "data.num_workers=2")
     assert interrupted_then_resumed(config, monkeypatch)[0] == [0, 1]
     assert_same_training_state(checkpoint(tmp_path / "run"), reference)
+
+
+def test_rerunning_a_finished_run_changes_nothing_and_reports_it(
+        data_root: Path, uninterrupted: Callable[..., Path], capsys: pytest.CaptureFixture,
+) -> None:
+    run_dir = uninterrupted()
+    before = checkpoint(run_dir)
+    result = loop.train(config_for(data_root, run_dir))
+    assert result.epochs_done == before["epoch"]
+    assert_same_training_state(checkpoint(run_dir), before)
+    assert "holds a finished run (2 epochs); its k-NN top-1 (k=20):" in capsys.readouterr().out

@@ -23,7 +23,7 @@ from dinolab.evaluation.features import extract_features, fixed_subset
 from dinolab.evaluation.knn import knn_accuracy
 from dinolab.training import schedules
 from dinolab.training.checkpoint import LATEST, load_checkpoint, save_checkpoint
-from dinolab.training.monitor import Metrics, progress_bar, say
+from dinolab.training.monitor import Metrics, last_knn, progress_bar, say
 from dinolab.training.state import TrainingState, build_state, resolve_device
 from dinolab.training.step import StepValues, train_step
 
@@ -216,7 +216,10 @@ def _resume(state: TrainingState, run_dir: Path) -> None:
         return
     state.load_state_dict(load_checkpoint(run_dir / LATEST))
     if state.epoch >= state.config.train.epochs:
-        say(f"{run_dir} holds a finished run ({state.epoch} epochs); nothing to do")
+        knn = last_knn(run_dir / "metrics.jsonl")
+        knn_text = f"; its k-NN top-1 (k={state.config.eval.knn_k}): {knn:.1f}%" if knn else ""
+        say(f"{run_dir} holds a finished run ({state.epoch} epochs){knn_text}; "
+            "use another run.dir to train again")
     else:
         say(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
 

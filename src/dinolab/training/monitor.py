@@ -52,6 +52,15 @@ class Metrics:
             self.writer.close()
 
 
+def last_knn(metrics_path: Path) -> float | None:
+    """The last k-NN top-1 recorded in a run's metrics.jsonl, if any."""
+    if not metrics_path.is_file():
+        return None
+    values = [json.loads(line).get("knn_top1") for line in metrics_path.read_text().splitlines()]
+    recorded = [value for value in values if value is not None]
+    return recorded[-1] if recorded else None
+
+
 def progress_bar(total: int, initial: int, epoch: int, epochs: int, enabled: bool) -> tqdm:
     return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", unit="step",
                 disable=not (enabled and is_main_process()), dynamic_ncols=True, leave=False)
