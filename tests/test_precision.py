@@ -44,3 +44,10 @@ def test_auto_precision_is_fp32_or_bf16_on_cpu() -> None:
     assert resolve_precision("auto", torch.device("cpu")) in (None, torch.bfloat16)
     assert resolve_precision("fp32", torch.device("cpu")) is None
     assert resolve_precision("fp16", torch.device("cpu")) is torch.float16
+
+
+def test_bf16_steps_are_reproducible() -> None:
+    generator = torch.Generator().manual_seed(2)
+    views = [torch.randn(8, 3, 28, 28, generator=generator) for _ in range(2)]
+    views += [torch.randn(8, 3, 14, 14, generator=generator) for _ in range(2)]
+    assert _losses("bf16", views) == _losses("bf16", views)
