@@ -35,7 +35,7 @@ test: install data
 	$(BIN)/python -m pytest tests
 
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy
 
 clean:
