@@ -11,12 +11,12 @@ depend on the rest of its micro-batch and nothing draws random numbers; fp32 on 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import tiny_overrides
+from equivalence import assert_networks_close, assert_tensors_close
 
 from dinolab.config import Config, load_config
 from dinolab.losses import DINOLoss, batch_center
@@ -89,45 +89,12 @@ def record_gradients(state: TrainingState) -> list[dict[str, torch.Tensor]]:
     return seen
 
 
-def prefixed(prefix: str) -> Callable[[str], str]:
-    """assert_close's ``msg``: keep its numbers (mismatches, greatest difference)."""
-    return lambda message: f"{prefix}: {message}"
-
-
-def assert_tensors_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                         what: str, tolerance: dict[str, float]) -> None:
-    assert actual.keys() == expected.keys(), what
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], **tolerance,
-                                   msg=prefixed(f"{what}: {key}"))
-
-
-def split_key_bias(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
-                                                            dict[str, torch.Tensor]]:
-    """Separate the key third of every ``qkv.bias`` ([3 * D], rows q, k, v) from the rest."""
-    rest, key_bias = {}, {}
-    for name, value in state.items():
-        if name.endswith("attn.qkv.bias"):
-            query, key, value_part = value.chunk(3)
-            rest[f"{name}[q]"], key_bias[f"{name}[k]"], rest[f"{name}[v]"] = query, key, value_part
-        else:
-            rest[name] = value
-    return rest, key_bias
-
-
-def assert_networks_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-                          what: str) -> None:
-    actual_rest, actual_key_bias = split_key_bias(actual)
-    expected_rest, expected_key_bias = split_key_bias(expected)
-    assert expected_key_bias, "the backbone has no qkv bias: update split_key_bias"
-    assert_tensors_close(actual_rest, expected_rest, what, PARAMETER_TOLERANCE)
-    assert_tensors_close(actual_key_bias, expected_key_bias, what, KEY_BIAS_TOLERANCE)
-
-
 def assert_states_close(accumulated: TrainingState, single: TrainingState) -> None:
+    tolerances = (PARAMETER_TOLERANCE, KEY_BIAS_TOLERANCE)
     assert_networks_close(accumulated.student_module.state_dict(),
-                          single.student_module.state_dict(), "student")
-    assert_networks_close(accumulated.teacher.state_dict(), single.teacher.state_dict(), "teacher")
+                          single.student_module.state_dict(), "student", *tolerances)
+    assert_networks_close(accumulated.teacher.state_dict(), single.teacher.state_dict(),
+                          "teacher", *tolerances)
     torch.testing.assert_close(accumulated.loss.center, single.loss.center, **GRAD_TOLERANCE)
 
 

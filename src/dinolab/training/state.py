@@ -117,12 +117,15 @@ def build_state(config: Config) -> TrainingState:
     autocast_dtype = resolve_precision(config.train.precision, device)
     student = build_network(config, config.model.drop_path_rate).to(device)
     teacher = build_network(config, 0.0).to(device)
-    optimizer = build_optimizer(student, tuple(config.optim.betas), device)  # type: ignore[arg-type]
     wrapped: nn.Module = student
     if world_size() > 1:
         device_ids = [device.index] if device.type == "cuda" else None
+        if device.type == "cuda":  # BatchNorm in the head: statistics over the global batch
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         wrapped = DistributedDataParallel(student, device_ids=device_ids)  # broadcasts rank 0's
     copy_student_into_teacher(student, teacher)  # after DDP's broadcast: the same on every rank
+    optimizer = build_optimizer(student, tuple(config.optim.betas), device)  # type: ignore[arg-type]
     loss = DINOLoss(config.model.head.out_dim, config.loss.student_temp,
                     config.loss.center_momentum).to(device)
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
