@@ -186,3 +186,16 @@ def test_rerunning_a_finished_run_changes_nothing_and_reports_it(
     assert result.epochs_done == before["epoch"]
     assert_same_training_state(checkpoint(run_dir), before)
     assert "holds a finished run (2 epochs); its k-NN top-1 (k=20):" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_without_a_checkpoint(
+        data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dinolab.losses.dino import DINOLoss
+
+    def poisoned(self: DINOLoss, student: torch.Tensor, *_: Any) -> torch.Tensor:
+        return student.sum() * float("nan")
+
+    monkeypatch.setattr(DINOLoss, "_loss", poisoned)
+    with pytest.raises(loop.NonFiniteLoss, match="loss is nan at step 2; last good checkpoint"):
+        loop.train(config_for(data_root, tmp_path / "run"))
+    assert not (tmp_path / "run" / LATEST).exists()
