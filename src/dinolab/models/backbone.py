@@ -61,12 +61,19 @@ def load_weights(model: nn.Module, path: str) -> None:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"invalid value for model.weights: file not found: {path}")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(file))
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+            state = load_file(str(file))
+        else:  # weights_only: a pickle that would run code is refused
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # safetensors, pickle and zip errors have no common base
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise ConfigError(f"invalid value for model.weights: {path} is not a weights file "
+                          f"({reason})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"invalid value for model.weights: {path} holds no state dict")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(

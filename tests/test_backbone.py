@@ -1,0 +1,53 @@
+"""Backbone factory: local weights files (safetensors or torch) and their mistakes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dinolab.config import ConfigError, load_config
+from dinolab.training.state import build_network
+
+SMALL = ["model.backbone_kwargs={depth: 1, embed_dim: 32, num_heads: 2}"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_weights_file_loads_into_the_backbone(tmp_path: Path, suffix: str) -> None:
+    source = build_network(load_config(None, SMALL), 0.0).backbone
+    path = tmp_path / f"backbone{suffix}"
+    state = {key: value.contiguous() for key, value in source.state_dict().items()}
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    loaded = build_network(load_config(None, [*SMALL, f"model.weights={path}"]), 0.0).backbone
+    fresh = build_network(load_config(None, SMALL), 0.0).backbone
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                 source.state_dict().values(), strict=True))
+    assert not torch.equal(fresh.pos_embed, source.pos_embed)  # not equal by chance
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
+    other = build_network(load_config(None, ["model.backbone=resnet10t"]), 0.0).backbone
+    path = tmp_path / "resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    with pytest.raises(ConfigError, match="model.weights: .* does not fit"):
+        build_network(load_config(None, [*SMALL, f"model.weights={path}"]), 0.0)
+
+
+def test_missing_weights_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model.weights: file not found"):
+        build_network(load_config(None, [*SMALL, f"model.weights={tmp_path / 'no.pt'}"]), 0.0)
+
+
+def test_unknown_backbone_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="model.backbone"):
+        build_network(load_config(None, ["model.backbone=vit_nonexistent_patch3"]), 0.0)
+
+
+@pytest.mark.parametrize("name", ["garbage.pt", "garbage.safetensors"])
+def test_a_file_that_is_not_weights_is_a_config_error(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ConfigError, match="is not a weights file"):
+        build_network(load_config(None, [*SMALL, f"model.weights={path}"]), 0.0)
