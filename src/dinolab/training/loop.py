@@ -195,8 +195,7 @@ def run_epoch(state: TrainingState, loader: Any, sampler: EpochSampler, length: 
 def _training_sources(config: Config, dataset: Dataset | None) -> Sources:
     if dataset is None:
         return build_sources(config.data)
-    wrapped = _AsPairs(dataset)
-    return Sources(train=wrapped)
+    return Sources(train=_AsPairs(dataset))
 
 
 def _check_batch(config: Config, num_images: int) -> None:
