@@ -76,6 +76,11 @@ class TrainingState:
     step: int = 0  # optimizer steps done in total
     samples_into_epoch: int = 0  # this process's samples consumed in ``epoch``
 
+    def __post_init__(self) -> None:
+        # Listed once: the step clips and averages these every iteration.
+        self.student_parameters: list[torch.Tensor] = list(self.student_module.parameters())
+        self.teacher_parameters: list[torch.Tensor] = list(self.teacher.parameters())
+
     @property
     def student_module(self) -> MultiCropNetwork:
         module = self.student

@@ -64,20 +64,19 @@ def train_step(state: TrainingState, micro_batches: list[list[torch.Tensor]],
         center_sum = center_sum + batch_center(teacher_logits)
         total_loss += loss.detach()
 
-    module = state.student_module
     if scaler:
         scaler.unscale_(optimizer)
     if state.config.optim.clip_grad > 0:
-        clip_gradients_per_tensor(list(module.parameters()), state.config.optim.clip_grad)
+        clip_gradients_per_tensor(state.student_parameters, state.config.optim.clip_grad)
     if values.freeze_last_layer:
-        drop_last_layer_gradients(module)
+        drop_last_layer_gradients(state.student_module)
     if scaler:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ema_update(list(teacher.parameters()), list(module.parameters()), values.teacher_momentum)
+    ema_update(state.teacher_parameters, state.student_parameters, values.teacher_momentum)
     state.loss.update_center(center_sum / num_micro)  # collective: all-reduce over processes
     state.step += 1
     return total_loss / num_micro
