@@ -10,6 +10,7 @@ of a good one.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ LATEST = "checkpoint.pt"
 TEACHER_EXPORT = "teacher.safetensors"
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         write(temporary)
@@ -40,9 +41,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def save_checkpoint(run_dir: Path, state: dict[str, Any], teacher_backbone: dict[str, torch.Tensor],
                     keep_copy: bool) -> None:
     atomic_write(run_dir / LATEST, lambda path: torch.save(state, path))
-    if keep_copy:
+    if keep_copy:  # a byte copy of the file just written: no second serialisation
         name = f"checkpoint_{state['epoch']:04d}.pt"
-        atomic_write(run_dir / name, lambda path: torch.save(state, path))
+        atomic_write(run_dir / name, lambda path: shutil.copyfile(run_dir / LATEST, path))
     tensors = {key: value.detach().cpu().contiguous() for key, value in teacher_backbone.items()}
     atomic_write(run_dir / TEACHER_EXPORT, lambda path: save_file(tensors, str(path)))
 
