@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from torch import nn
 
 from dinolab.config import ConfigError, ModelConfig
+from dinolab.models.weights import backbone_state, load_backbone_state, read_state_dict
 
 
 def _is_vision_transformer(name: str) -> bool:
@@ -57,29 +57,14 @@ def create_backbone(config: ModelConfig, img_size: int, drop_path_rate: float) -
 
 
 def load_weights(model: nn.Module, path: str) -> None:
-    """Load a local backbone file (safetensors or a torch state dict, loaded weights-only)."""
+    """Load a local backbone file: timm weights, a dinolab checkpoint or export, or a checkpoint
+    of the authors' DINO repository (teacher preferred); see ``models/weights.py``."""
     file = Path(path)
+    what = "invalid value for model.weights"
     if not file.is_file():
-        raise ConfigError(f"invalid value for model.weights: file not found: {path}")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(file))
-        else:  # weights_only: a pickle that would run code is refused
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # safetensors, pickle and zip errors have no common base
-        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
-        raise ConfigError(f"invalid value for model.weights: {path} is not a weights file "
-                          f"({reason})") from None
-    if not isinstance(state, dict):
-        raise ConfigError(f"invalid value for model.weights: {path} holds no state dict")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"invalid value for model.weights: {path} does not fit {type(model).__name__} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
-        )
+        raise ConfigError(f"{what}: file not found: {path}")
+    tensors = backbone_state(read_state_dict(file, what))
+    load_backbone_state(model, tensors, what, file)
 
 
 def feature_dim(model: nn.Module) -> int:
