@@ -32,6 +32,9 @@ class DataConfig:
     root: str = ""  # the image folder; for named data sets "" searches the usual places
     download: bool = False
     num_workers: int = 8
+    # pil: each worker builds the views of its images with PIL; batched: workers only decode,
+    # and the views of a whole batch are made on the training device (data/batched_augment.py)
+    augmentation: str = "pil"
     global_crop_size: int = 224
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     num_local_crops: int = 8
@@ -140,6 +143,7 @@ class Config:
 
 DEFAULT_PRESET = "demo"
 DATA_SOURCES = ("folder", "fashion-mnist")
+AUGMENTATIONS = ("pil", "batched")
 
 
 def preset_names() -> list[str]:
@@ -252,6 +256,8 @@ def validate(config: Config) -> None:
     )
     _require(data.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}")
     _require(data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(data.augmentation in AUGMENTATIONS, "data.augmentation",
+             f"must be one of {AUGMENTATIONS}")
     _require(data.global_crop_size > 0, "data.global_crop_size", "must be > 0")
     _require(data.local_crop_size > 0, "data.local_crop_size", "must be > 0")
     _require(

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import functional as F
 
 from dinolab.data.transforms import MultiCropTransform
 
@@ -72,12 +73,52 @@ class MultiCropDataset(Dataset):
         return self.transform(image, generator)
 
 
-def training_loader(dataset: MultiCropDataset, sampler: EpochSampler, batch_per_process: int,
+class DecodedImages(Dataset):
+    """(index, epoch) -> the image as uint8 [C, H, W] (C = 1 for grayscale, else 3): the whole
+    work of a loader worker when the views are made by ``BatchedMultiCrop``."""
+
+    def __init__(self, images: Dataset) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        image, _ = self.images[key[0]]
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        return F.pil_to_tensor(image)
+
+
+def pad_collate(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """B images [C_i, H_i, W_i] -> (uint8 [B, C, H_max, W_max], sizes [B, 2] as (H_i, W_i)).
+
+    Each image sits in the top-left corner; its last row and column are repeated into the
+    padding, so that interpolation at a crop's border never reads a black pixel. Grayscale
+    images are broadcast to three channels only when the batch mixes both kinds.
+    """
+    channels = max(image.shape[0] for image in images)
+    height = max(image.shape[1] for image in images)
+    width = max(image.shape[2] for image in images)
+    batch = torch.empty((len(images), channels, height, width), dtype=torch.uint8)
+    sizes = torch.tensor([image.shape[1:] for image in images])
+    for canvas, image in zip(batch, images, strict=True):
+        h, w = image.shape[1:]
+        canvas[:, :h, :w] = image
+        canvas[:, :h, w:] = canvas[:, :h, w - 1: w]
+        canvas[:, h:] = canvas[:, h - 1: h]
+    return batch, sizes
+
+
+def training_loader(dataset: Dataset, sampler: EpochSampler, batch_per_process: int,
                     num_workers: int, pin_memory: bool) -> DataLoader:
+    """The loader of ``MultiCropDataset`` (lists of views) or ``DecodedImages`` (padded batch)."""
+    collate = pad_collate if isinstance(dataset, DecodedImages) else None
     # The loader's own generator: a DataLoader otherwise draws worker seeds from the global RNG
     # at every new iterator, which would shift the model's drop-path masks with num_workers.
     return DataLoader(
         dataset, batch_size=batch_per_process, sampler=sampler, drop_last=True,
         num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator(),
         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+        collate_fn=collate,
     )

@@ -67,19 +67,24 @@ class ViewSpec:
     solarize_prob: float
 
 
+def view_specs(config: DataConfig) -> list[ViewSpec]:
+    """The views of one image: global 1 (always blurred), global 2 (solarized), the locals."""
+    blur_global_1, blur_global_2, blur_local = config.blur_probs
+    return [
+        ViewSpec(config.global_crop_size, config.global_crop_scale, blur_global_1, 0.0),
+        ViewSpec(config.global_crop_size, config.global_crop_scale, blur_global_2,
+                 config.solarize_prob),
+    ] + [
+        ViewSpec(config.local_crop_size, config.local_crop_scale, blur_local, 0.0)
+    ] * config.num_local_crops
+
+
 class MultiCropTransform:
     """PIL image -> list of normalised views [C=3, S, S]: 2 global views, then the local views."""
 
     def __init__(self, config: DataConfig) -> None:
         self.config = config
-        blur_global_1, blur_global_2, blur_local = config.blur_probs
-        self.views = [
-            ViewSpec(config.global_crop_size, config.global_crop_scale, blur_global_1, 0.0),
-            ViewSpec(config.global_crop_size, config.global_crop_scale, blur_global_2,
-                     config.solarize_prob),
-        ] + [
-            ViewSpec(config.local_crop_size, config.local_crop_scale, blur_local, 0.0)
-        ] * config.num_local_crops
+        self.views = view_specs(config)
         self.mean = torch.tensor(config.mean).view(3, 1, 1)
         self.std = torch.tensor(config.std).view(3, 1, 1)
 

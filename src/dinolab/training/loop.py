@@ -16,14 +16,14 @@ from torch.utils.data import Dataset
 
 from dinolab.config import Config, ConfigError, from_dict, to_dict, to_yaml
 from dinolab.data.datasets import UNLABELLED, Sources, build_sources
-from dinolab.data.loader import EpochSampler, MultiCropDataset, training_loader
-from dinolab.data.transforms import EvalTransform, MultiCropTransform
+from dinolab.data.transforms import EvalTransform
 from dinolab.distributed import barrier, init_distributed, is_main_process, rank, world_size
 from dinolab.evaluation.features import extract_features, fixed_subset
 from dinolab.evaluation.knn import knn_accuracy
 from dinolab.training import schedules
 from dinolab.training.checkpoint import LATEST, load_checkpoint, save_checkpoint
 from dinolab.training.monitor import Metrics, last_knn, progress_bar, say
+from dinolab.training.pipeline import TrainingData, build_training_data
 from dinolab.training.state import TrainingState, build_state, resolve_device
 from dinolab.training.step import StepValues, train_step
 
@@ -151,19 +151,20 @@ def _check_finite(loss: torch.Tensor, step: int, run_dir: Path) -> float:
     return value
 
 
-def run_epoch(state: TrainingState, loader: Any, sampler: EpochSampler, length: schedules.RunLength,
-              metrics: Metrics, run_dir: Path) -> float:
+def run_epoch(state: TrainingState, data: TrainingData, metrics: Metrics, run_dir: Path) -> float:
     """Train one epoch (or its remainder after a resume) -> the epoch's mean loss."""
-    config, epoch = state.config, state.epoch
+    config, epoch, length = state.config, state.epoch, data.length
     accumulation = config.train.accumulation_steps
     batch_per_process = config.train.batch_size // world_size()
     done = state.samples_into_epoch // batch_per_process
-    sampler.set_position(epoch, state.samples_into_epoch)
+    data.sampler.set_position(epoch, state.samples_into_epoch)
     bar = progress_bar(length.steps_per_epoch, done, epoch, length.epochs, config.run.progress_bar)
     loss_sum = torch.zeros((), device=state.device)
-    steps, micro_batches, tick = 0, [], time.perf_counter()
-    for views in loader:
-        micro_batches.append(views)
+    steps, tick = 0, time.perf_counter()
+    micro_batches: list[list[torch.Tensor]] = []
+    for batch in data.loader:
+        micro_batch = (done + steps) * accumulation + len(micro_batches)
+        micro_batches.append(data.views(batch, state.device, epoch, micro_batch))
         if len(micro_batches) < accumulation:
             continue
         values = step_values(config, length, state.step, epoch)
@@ -223,22 +224,6 @@ def _resume(state: TrainingState, run_dir: Path) -> None:
         say(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
 
 
-def _data_pipeline(config: Config, images: Dataset, pin_memory: bool,
-                   ) -> tuple[Any, EpochSampler, schedules.RunLength]:
-    """The multi-crop loader, its sampler, and the run length in optimizer steps."""
-    processes = world_size()
-    batch_per_process = config.train.batch_size // processes
-    micro_batch = batch_per_process // config.train.accumulation_steps
-    sampler = EpochSampler(len(images), batch_per_process, config.train.seed,  # type: ignore[arg-type]
-                           rank(), processes)
-    steps_per_epoch = sampler.batches_per_epoch
-    if config.train.limit_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.train.limit_steps_per_epoch)
-    views = MultiCropDataset(images, MultiCropTransform(config.data), config.train.seed)
-    loader = training_loader(views, sampler, micro_batch, config.data.num_workers, pin_memory)
-    return loader, sampler, schedules.RunLength(steps_per_epoch, config.train.epochs)
-
-
 def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
     """Run (or resume) DINO pre-training as configured; ``dataset`` replaces data.source.
 
@@ -253,7 +238,8 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
     state = build_state(config)  # before the run folder: a bad backbone leaves nothing behind
     run_dir = prepare_run_dir(config)
     _resume(state, run_dir)
-    loader, sampler, length = _data_pipeline(config, sources.train, state.device.type == "cuda")
+    data = build_training_data(config, sources.train, state.device)
+    length = data.length
     metrics = Metrics(run_dir, config.run.tensorboard)
     eval_transform = EvalTransform(config.data)
     knn_label = f"k-NN top-1 (k={config.eval.knn_k})"
@@ -271,7 +257,7 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
     knn_end = None
     for epoch in range(state.epoch, config.train.epochs):
         state.epoch = epoch
-        mean_loss = run_epoch(state, loader, sampler, length, metrics, run_dir)
+        mean_loss = run_epoch(state, data, metrics, run_dir)
         state.epoch, state.samples_into_epoch = epoch + 1, 0
         epoch_values: dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss}
         if _due(epoch + 1, config.eval.knn_every_epochs, config.train.epochs):

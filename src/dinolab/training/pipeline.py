@@ -1,0 +1,70 @@
+"""The training data pipeline: sampler, loader, and where the multi-crop views are made.
+
+With ``data.augmentation=pil`` the loader's workers return the views of each image, made with
+PIL (``MultiCropTransform``), seeded per image by (seed, epoch, index). With ``batched`` the
+workers only decode; the padded uint8 batch travels to the training device (pinned, non-blocking
+on CUDA) and ``BatchedMultiCrop`` makes every view there, seeded per micro-batch by
+(seed, epoch, micro-batch position, rank), so a resumed run still draws the same views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dinolab.config import Config
+from dinolab.data.batched_augment import BatchedMultiCrop
+from dinolab.data.loader import (
+    DecodedImages,
+    EpochSampler,
+    MultiCropDataset,
+    sample_seed,
+    training_loader,
+)
+from dinolab.data.transforms import MultiCropTransform
+from dinolab.distributed import rank, world_size
+from dinolab.training.schedules import RunLength
+
+
+@dataclass
+class TrainingData:
+    loader: DataLoader
+    sampler: EpochSampler
+    length: RunLength  # the run length in optimizer steps
+    augment: BatchedMultiCrop | None  # None: the loader already returns views
+    seed: int
+
+    def views(self, batch: Any, device: torch.device, epoch: int,
+              micro_batch: int) -> list[torch.Tensor]:
+        """The loader's batch -> V views [b, 3, S, S] on ``device``; ``micro_batch`` is the
+        position of this micro-batch in this process's epoch."""
+        if self.augment is None:
+            return [view.to(device, non_blocking=True) for view in batch]
+        images, sizes = batch
+        position = micro_batch * world_size() + rank()
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, position))
+        return self.augment(images.to(device, non_blocking=True), sizes, generator)
+
+
+def build_training_data(config: Config, images: Dataset, device: torch.device) -> TrainingData:
+    processes = world_size()
+    batch_per_process = config.train.batch_size // processes
+    micro_batch = batch_per_process // config.train.accumulation_steps
+    sampler = EpochSampler(len(images), batch_per_process, config.train.seed,  # type: ignore[arg-type]
+                           rank(), processes)
+    steps_per_epoch = sampler.batches_per_epoch
+    if config.train.limit_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.train.limit_steps_per_epoch)
+    augment = None
+    dataset: Dataset
+    if config.data.augmentation == "batched":
+        dataset, augment = DecodedImages(images), BatchedMultiCrop(config.data)
+    else:
+        dataset = MultiCropDataset(images, MultiCropTransform(config.data), config.train.seed)
+    loader = training_loader(dataset, sampler, micro_batch, config.data.num_workers,
+                             pin_memory=device.type == "cuda")
+    length = RunLength(steps_per_epoch, config.train.epochs)
+    return TrainingData(loader, sampler, length, augment, config.train.seed)
