@@ -1,9 +1,10 @@
-"""The ``dinolab`` command: parse, call, report. No training logic lives here."""
+"""The ``dinolab`` command: parse, call, report. No training or evaluation logic lives here."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from dinolab.config import ConfigError, load_config, preset_names
 
@@ -21,7 +22,56 @@ def _parser() -> argparse.ArgumentParser:
         f"the demo preset is the base. Presets: {', '.join(preset_names())}.",
     )
     train.add_argument("arguments", nargs="*", metavar="PRESET_OR_YAML|key=value")
+    _add_evaluation_commands(commands)
     return parser
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], list[int] | list[float]]:
+    """A comma-separated list of positive numbers: --k 10,20 or --lrs 0.01,0.1."""
+    def parse(text: str) -> list[int] | list[float]:
+        try:
+            values = [kind(item) for item in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a list of {kind.__name__}s: {text}") from None
+        if not all(value > 0 for value in values):
+            raise argparse.ArgumentTypeError(f"must be > 0: {text}")
+        return values  # type: ignore[return-value]
+
+    return parse
+
+
+def _add_evaluation_commands(commands: argparse._SubParsersAction) -> None:
+    """knn, linear, embed, export: a run folder, a checkpoint or an export, then options."""
+    def evaluated(name: str, help_text: str, data: bool = True) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("path", metavar="CHECKPOINT_OR_RUN",
+                             help="a run folder, a checkpoint .pt or an exported .safetensors")
+        command.add_argument("--weights", choices=("teacher", "student"), default="teacher")
+        if data:
+            command.add_argument("overrides", nargs="*", metavar="key=value",
+                                 help="data.* overrides (default: the run's own data)")
+            command.add_argument("--data", metavar="FOLDER",
+                                 help="an image folder (class sub-folders are the labels)")
+        return command
+
+    knn = evaluated("knn", "weighted k-NN accuracy (k-NN of L2-normalised features, T=0.07)")
+    knn.add_argument("--k", type=_positive(int), default=[10, 20, 100, 200], metavar="K,K,...")
+    knn.add_argument("--temperature", type=float, default=0.07)
+    linear = evaluated("linear", "linear probe on frozen features (several LRs at once)")
+    linear.add_argument("--blocks", type=int, metavar="N",
+                        help="[CLS] of the last N blocks (default 4 for ViTs, 1 otherwise)")
+    linear.add_argument("--avgpool", action="store_true",
+                        help="also the mean of the last block's patch tokens")
+    linear.add_argument("--epochs", type=int, default=100)
+    linear.add_argument("--lrs", type=_positive(float), metavar="LR,LR,...",
+                        help="learning rates trained at once (default 1e-3 ... 1)")
+    embed = evaluated("embed", "write embeddings (and labels, paths) to .npz or .parquet")
+    embed.add_argument("--out", required=True, metavar="FILE")
+    embed.add_argument("--split", choices=("train", "test"), default="train")
+    embed.add_argument("--plot", metavar="FILE.png", help="a 2-D PCA map coloured by label")
+    export = evaluated("export", "the backbone as safetensors + a JSON sidecar timm reads",
+                       data=False)
+    export.add_argument("--out", required=True, metavar="FILE.safetensors")
 
 
 def _split(arguments: list[str]) -> tuple[str | None, list[str]]:
@@ -31,22 +81,74 @@ def _split(arguments: list[str]) -> tuple[str | None, list[str]]:
     return None, arguments
 
 
-def main(argv: list[str] | None = None) -> int:
-    arguments = _parser().parse_args(argv)
-    try:
-        base, overrides = _split(arguments.arguments)
-        config = load_config(base, overrides)
-        from dinolab.training.loop import NonFiniteLoss, train
+def _train(arguments: argparse.Namespace) -> int:
+    base, overrides = _split(arguments.arguments)
+    config = load_config(base, overrides)
+    from dinolab.training.loop import NonFiniteLoss, train
 
-        try:
-            train(config)
-        except NonFiniteLoss as error:
-            print(f"dinolab: error: {error}", file=sys.stderr)
-            return EXIT_NON_FINITE
+    try:
+        train(config)
+    except NonFiniteLoss as error:
+        print(f"dinolab: error: {error}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    return 0
+
+
+def _knn(arguments: argparse.Namespace) -> int:
+    from dinolab.evaluation.commands import run_knn
+
+    run_knn(arguments.path, arguments.weights, arguments.data, arguments.overrides,
+            arguments.k, arguments.temperature)
+    return 0
+
+
+def _linear(arguments: argparse.Namespace) -> int:
+    from dinolab.evaluation.commands import run_linear
+    from dinolab.evaluation.linear import LEARNING_RATES, ProbeSettings
+
+    if arguments.epochs <= 0 or (arguments.blocks is not None and arguments.blocks <= 0):
+        raise ConfigError("--epochs and --blocks must be > 0")
+    settings = ProbeSettings(tuple(arguments.lrs or LEARNING_RATES), arguments.epochs)
+    run_linear(arguments.path, arguments.weights, arguments.data, arguments.overrides,
+               arguments.blocks, arguments.avgpool, settings)
+    return 0
+
+
+def _embed(arguments: argparse.Namespace) -> int:
+    from dinolab.evaluation.commands import run_embed
+
+    run_embed(arguments.path, arguments.out, arguments.weights, arguments.data,
+              arguments.overrides, arguments.split, arguments.plot)
+    return 0
+
+
+def _export(arguments: argparse.Namespace) -> int:
+    from dinolab.evaluation.commands import run_export
+
+    run_export(arguments.path, arguments.out, arguments.weights)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _train, "knn": _knn, "linear": _linear, "embed": _embed, "export": _export,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # key=value overrides may follow options (knn RUN --k 20 data.root=...): argparse leaves
+    # those it cannot place among the unknown arguments.
+    arguments, unknown = parser.parse_known_args(argv)
+    if unknown and (getattr(arguments, "overrides", None) is None
+                    or any("=" not in item or item.startswith("-") for item in unknown)):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:
+        arguments.overrides += unknown
+    try:
+        return COMMANDS[arguments.command](arguments)
     except ConfigError as error:
         print(f"dinolab: error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    return 0
 
 
 if __name__ == "__main__":
