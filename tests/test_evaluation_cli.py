@@ -108,6 +108,9 @@ def test_embed_writes_npz_and_a_map(run_dir: Path, tmp_path: Path, dinolab) -> N
     assert "paths" not in stored  # Fashion-MNIST has no image files
     assert picture.stat().st_size > 1000
     assert "96 embeddings of width 32" in printed
+    # Fashion-MNIST's train split is k-NN's train split: one cache for both
+    assert [path.name.split("-output")[0] for path in (run_dir / "features").glob("*train*")] == [
+        "knn-train"]
 
 
 def _image_folder(root: Path, per_class: int = 6) -> Path:

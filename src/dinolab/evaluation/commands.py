@@ -118,8 +118,8 @@ def run_embed(path: str, out: str, weights: str = "teacher", data_path: str | No
     destination = Path(out).expanduser()
     check_destination(destination)
     inputs = prepare_inputs(path, weights, data_path, list(overrides))
-    images = all_images(inputs.config, split)
-    features, labels = features_of(inputs, f"all-{split}", images)
+    name, images = all_images(inputs.config, split)
+    features, labels = features_of(inputs, name, images)
     paths = getattr(images, "paths", None)
     write_embeddings(destination, features, labels, [str(p) for p in paths] if paths else None)
     print(f"{len(labels)} embeddings of width {features.shape[1]} ({_describe(inputs)}) "

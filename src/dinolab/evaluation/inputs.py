@@ -92,11 +92,13 @@ def labelled_splits(config: Config) -> tuple[Dataset, Dataset]:
     return sources.knn_train, sources.knn_test
 
 
-def all_images(config: Config, split: str) -> Dataset:
-    """``train``: every training image (labelled or not); ``test``: the labelled test split."""
+def all_images(config: Config, split: str) -> tuple[str, Dataset]:
+    """(cache name, images). ``train``: every training image, labelled or not; ``test``: the
+    labelled test split. Named as k-NN names them where they are the same images, so that the
+    commands share one cache."""
     sources = build_sources(config.data)
     if split == "train":
-        return sources.train
+        return ("knn-train" if sources.train is sources.knn_train else "all-train"), sources.train
     if sources.knn_test is None:
         raise ConfigError(f"{config.data.root or config.data.source} has no labelled test split")
-    return sources.knn_test
+    return "knn-test", sources.knn_test
