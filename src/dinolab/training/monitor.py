@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from dinolab.distributed import is_main_process
@@ -46,6 +47,11 @@ class Metrics:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and key != "epoch":
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
+
+    def log_images(self, tag: str, step: int, images: np.ndarray) -> None:
+        """uint8 pictures [N, H, W, 3] to TensorBoard only (metrics.jsonl holds numbers)."""
+        if self.writer is not None:
+            self.writer.add_images(tag, images, step, dataformats="NHWC")
 
     def close(self) -> None:
         if self.writer is not None:
