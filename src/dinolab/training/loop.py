@@ -26,6 +26,7 @@ from dinolab.training.monitor import Metrics, last_knn, progress_bar, say
 from dinolab.training.pipeline import TrainingData, build_training_data
 from dinolab.training.state import TrainingState, build_state, resolve_device
 from dinolab.training.step import StepValues, train_step
+from dinolab.visualization.monitor import log_attention_maps
 
 # Keys that may differ when a run folder is resumed: where it runs and how it reports.
 RESUMABLE_CHANGES = ("run.", "data.num_workers", "data.root", "data.download", "eval.",
@@ -247,6 +248,7 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
     knn_start = None
     if state.step == 0:
         knn_start = knn_monitor(state, sources, eval_transform)
+        log_attention_maps(metrics, state.teacher.backbone, sources, eval_transform, 0)
         if knn_start is not None:
             say(f"{knn_label}: {knn_start:.1f}% (teacher at initialisation)")
             metrics.log("knn", 0, {"epoch": 0, "knn_top1": knn_start})
@@ -262,6 +264,7 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
         epoch_values: dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss}
         if _due(epoch + 1, config.eval.knn_every_epochs, config.train.epochs):
             knn_end = knn_monitor(state, sources, eval_transform)
+            log_attention_maps(metrics, state.teacher.backbone, sources, eval_transform, state.step)
             if knn_end is not None:
                 epoch_values["knn_top1"] = knn_end
         metrics.log("epoch", state.step, epoch_values)
