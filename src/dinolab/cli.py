@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("arguments", nargs="*", metavar="PRESET_OR_YAML|key=value")
     _add_evaluation_commands(commands)
+    _add_visualization_commands(commands)
     return parser
 
 
@@ -72,6 +73,33 @@ def _add_evaluation_commands(commands: argparse._SubParsersAction) -> None:
     export = evaluated("export", "the backbone as safetensors + a JSON sidecar timm reads",
                        data=False)
     export.add_argument("--out", required=True, metavar="FILE.safetensors")
+
+
+def _add_visualization_commands(commands: argparse._SubParsersAction) -> None:
+    """attention, features: a checkpoint and images; plot: a run folder's curves."""
+    def looked_at(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("path", metavar="CHECKPOINT_OR_RUN",
+                             help="a run folder, a checkpoint .pt or an exported .safetensors")
+        command.add_argument("images", nargs="+", metavar="IMAGE")
+        command.add_argument("--out", required=True, metavar="DIR")
+        command.add_argument("--weights", choices=("teacher", "student"), default="teacher")
+        command.add_argument("--size", type=int, metavar="S", help="input side in pixels "
+                             "(default: the run's crop size; ViTs: a multiple of the patch)")
+        return command
+
+    attention = looked_at("attention", "the last block's [CLS] attention per head, with the "
+                          "masks that keep --threshold of its mass (ViTs)")
+    attention.add_argument("--threshold", type=float, default=0.6)
+    features = looked_at("features", "patch features as colours: PCA over the images' "
+                         "foreground patches (any backbone)")
+    features.add_argument("--keep-background", action="store_true",
+                          help="colour every patch (no foreground threshold)")
+    plot = commands.add_parser("plot", help="training curves of a run as a PNG",
+                               description="loss, learning rate, teacher entropy and KL, k-NN "
+                               "from RUN_DIR/metrics.jsonl")
+    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("--out", metavar="FILE.png", help="default: RUN_DIR/curves.png")
 
 
 def _split(arguments: list[str]) -> tuple[str | None, list[str]]:
@@ -129,8 +157,32 @@ def _export(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _attention(arguments: argparse.Namespace) -> int:
+    from dinolab.visualization.commands import run_attention
+
+    run_attention(arguments.path, arguments.images, arguments.out, arguments.weights,
+                  arguments.threshold, arguments.size)
+    return 0
+
+
+def _features(arguments: argparse.Namespace) -> int:
+    from dinolab.visualization.commands import run_features
+
+    run_features(arguments.path, arguments.images, arguments.out, arguments.weights,
+                 arguments.size, arguments.keep_background)
+    return 0
+
+
+def _plot(arguments: argparse.Namespace) -> int:
+    from dinolab.visualization.commands import run_plot
+
+    run_plot(arguments.run_dir, arguments.out)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _train, "knn": _knn, "linear": _linear, "embed": _embed, "export": _export,
+    "attention": _attention, "features": _features, "plot": _plot,
 }
 
 
