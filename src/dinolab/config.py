@@ -109,6 +109,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = True  # deterministic algorithms (CPU runs are reproducible bit for bit)
     limit_steps_per_epoch: int = 0  # >0: shorten each epoch (smoke tests, quick looks)
+    compile: bool = False  # torch.compile the backbones and heads (student and teacher)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from dinolab.visualization.monitor import log_attention_maps
 
 # Keys that may differ when a run folder is resumed: where it runs and how it reports.
 RESUMABLE_CHANGES = ("run.", "data.num_workers", "data.root", "data.download", "eval.",
-                     "train.device")
+                     "train.device", "train.compile")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -56,7 +56,7 @@ def step_values(config: Config, length: schedules.RunLength, step: int, epoch: i
     )
 
 
-def _seed_everything(config: Config) -> None:
+def seed_everything(config: Config) -> None:
     seed = config.train.seed + rank()
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -232,7 +232,7 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
     """
     started = time.perf_counter()
     init_distributed(resolve_device(config.train.device))
-    _seed_everything(config)
+    seed_everything(config)
     sources = _training_sources(config, dataset)
     num_images = len(sources.train)  # type: ignore[arg-type]
     _check_batch(config, num_images)

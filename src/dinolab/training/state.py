@@ -122,6 +122,10 @@ def build_state(config: Config) -> TrainingState:
     autocast_dtype = resolve_precision(config.train.precision, device)
     student = build_network(config, config.model.drop_path_rate).to(device)
     teacher = build_network(config, 0.0).to(device)
+    if config.train.compile:  # in place: parameter names and checkpoints stay the same
+        for network in (student, teacher):  # static shapes: one graph per crop size
+            network.backbone.compile(dynamic=False)
+            network.head.compile(dynamic=False)
     wrapped: nn.Module = student
     if world_size() > 1:
         device_ids = [device.index] if device.type == "cuda" else None
