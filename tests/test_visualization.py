@@ -153,8 +153,10 @@ def test_attention_pngs_open_with_the_input_size(tmp_path: Path) -> None:
             assert f"{stem}_attention_{map_name}_overlay.png" in names
     for path in written:
         with Image.open(path) as picture:
-            expected = (5 * 48 + 4 * 2, 2 * 48 + 2) if path.name == "attention_grid.png" \
-                else (48, 48)  # grid: input, mean, mean overlay, 2 heads; 2 rows, 2 px gaps
+            # 48 px inputs are shown 4x enlarged. The grid: input, mean, mean overlay, 2 heads
+            # in each of 2 rows, 2 px gaps.
+            expected = (5 * 192 + 4 * 2, 2 * 192 + 2) if path.name == "attention_grid.png" \
+                else (192, 192)
             assert picture.size == expected, path.name
             assert picture.mode == "RGB"
 
@@ -206,8 +208,9 @@ def test_feature_pngs_open_with_the_input_size(tmp_path: Path, backbone: str) ->
         "features_grid.png", "image0_features.png", "image1_features.png", "image2_features.png"]
     for path in written:
         with Image.open(path) as picture:
-            grid_size = (3 * 64 + 2 * 2, 3 * 64 + 2 * 2)
-            assert picture.size == (grid_size if path.name == "features_grid.png" else (64, 64))
+            grid_size = (3 * 192 + 2 * 2, 3 * 192 + 2 * 2)  # 64 px shown 3x enlarged
+            assert picture.size == (grid_size if path.name == "features_grid.png"
+                                    else (192, 192))
 
 
 def test_colorize_and_grid() -> None:
@@ -238,4 +241,4 @@ def test_attention_monitor_writes_tensorboard_images(tmp_path: Path) -> None:
     events.Reload()
     logged = events.Images("attention")
     assert [event.step for event in logged] == [7]  # one grid: 4 images x (input, 2 + 2 maps)
-    assert (logged[0].width, logged[0].height) == (5 * 32 + 4 * 2, 4 * 32 + 3 * 2)
+    assert (logged[0].width, logged[0].height) == (5 * 224 + 4 * 2, 4 * 224 + 3 * 2)  # 7 x 32

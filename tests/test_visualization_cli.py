@@ -73,12 +73,12 @@ def test_attention_command(runs: dict[str, Path], images: list[str], tmp_path: P
     assert main(["attention", str(runs["vit"]), *images, "--out", str(out)]) == 0
     for stem in ("shoe", "photo"):  # 2 heads: mean, head0, head1, each with an overlay
         for name in ("mean", "head0", "head1", "mean_overlay", "head1_overlay"):
-            assert _size(out / f"{stem}_attention_{name}.png") == (28, 28)
-    assert _size(out / "attention_grid.png") == (5 * 28 + 4 * 2, 2 * 28 + 2)
+            assert _size(out / f"{stem}_attention_{name}.png") == (224, 224)  # 28 px, 8x
+    assert _size(out / "attention_grid.png") == (5 * 224 + 4 * 2, 2 * 224 + 2)
     # Another resolution (the run's ViT has dynamic_img_size) and threshold.
-    assert main(["attention", str(runs["vit"]), images[1], "--out", str(out), "--size", "56",
+    assert main(["attention", str(runs["vit"]), images[1], "--out", str(out), "--size", "280",
                  "--threshold", "0.9"]) == 0
-    assert _size(out / "photo_attention_mean_overlay.png") == (56, 56)
+    assert _size(out / "photo_attention_mean_overlay.png") == (280, 280)  # not enlarged
 
 
 def test_features_command(runs: dict[str, Path], images: list[str], tmp_path: Path) -> None:
@@ -86,8 +86,8 @@ def test_features_command(runs: dict[str, Path], images: list[str], tmp_path: Pa
         out = tmp_path / backbone
         assert main(["features", str(runs[backbone]), *images, "--out", str(out),
                      "--size", "56"]) == 0
-        assert _size(out / "shoe_features.png") == (56, 56)
-        assert _size(out / "features_grid.png") == (3 * 56 + 2 * 2, 2 * 56 + 2)
+        assert _size(out / "shoe_features.png") == (224, 224)  # 56 px, 4x
+        assert _size(out / "features_grid.png") == (3 * 224 + 2 * 2, 2 * 224 + 2)
 
 
 def test_attention_of_a_cnn_is_one_line_and_exit_2(runs: dict[str, Path], images: list[str],
@@ -156,4 +156,4 @@ def test_training_logs_attention_to_tensorboard(runs: dict[str, Path]) -> None:
     # At initialisation and after the (only) epoch of 2 steps: 4 test images x 5 tiles.
     logged = events.Images("attention")
     assert [event.step for event in logged] == [0, 2]
-    assert (logged[0].width, logged[0].height) == (5 * 28 + 4 * 2, 4 * 28 + 3 * 2)
+    assert (logged[0].width, logged[0].height) == (5 * 224 + 4 * 2, 4 * 224 + 3 * 2)

@@ -19,6 +19,8 @@ from torch import nn
 from dinolab.config import Config, ConfigError, DataConfig
 from dinolab.data.transforms import EvalTransform
 
+DISPLAY_SIDE = 224  # pictures are enlarged towards this side for viewing
+
 
 def patch_size(backbone: nn.Module) -> int | None:
     """The ViT's patch side in pixels; None for backbones without a patch embedding."""
@@ -83,9 +85,16 @@ def prepare(images: Sequence[Image.Image], transform: EvalTransform) -> torch.Te
 
 
 def to_picture(tensor: torch.Tensor, transform: EvalTransform) -> np.ndarray:
-    """Undo the normalisation: tensor [3, H, W] -> uint8 picture [H, W, 3]."""
+    """Undo the normalisation: tensor [3, S_h, S_w] -> uint8 picture [k S_h, k S_w, 3].
+
+    Small inputs are enlarged by the integer factor k = DISPLAY_SIDE // max(S_h, S_w) (nearest
+    neighbour, so no detail is invented): a 28 px crop would be a thumbnail nobody can read.
+    Maps drawn on the picture are upsampled to its size.
+    """
     pixels = tensor.detach().float().cpu() * transform.std + transform.mean
-    return (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    picture = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    factor = max(1, DISPLAY_SIDE // max(picture.shape[:2]))
+    return picture.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
 def output_names(paths: Sequence[str | Path]) -> list[str]:

@@ -87,11 +87,11 @@ def write_feature_maps(backbone: nn.Module, config: Config | None, paths: Sequen
     foreground = (foreground_mask(features) if remove_background
                   else torch.ones(features.shape[:3], dtype=torch.bool))
     colours = pca_colours(features, foreground)
-    height, width = batch.shape[-2:]
     written, rows = [], []
     for name, image, image_colours, image_foreground in zip(
             inputs.output_names(paths), batch, colours, foreground, strict=True):
         picture = inputs.to_picture(image, transform)
+        height, width = picture.shape[:2]
         rgb = upsample(image_colours.permute(2, 0, 1), height, width).permute(1, 2, 0)
         coloured = (rgb * 255).round().byte().numpy()
         mask = upsample(image_foreground, height, width).bool().numpy()
