@@ -58,10 +58,10 @@ def cls_attention_over_tokens(backbone: nn.Module, images: torch.Tensor) -> torc
         hook.remove()
     tokens = kept[-1]  # [B, N, D]: what the attention module received
     batch, count, _ = tokens.shape
-    qkv = attention.qkv(tokens).float().reshape(batch, count, 3, attention.num_heads,
-                                                attention.head_dim)
-    query = attention.q_norm(qkv[:, :1, 0].transpose(1, 2))  # [B, H, 1, d]: [CLS] only
-    keys = attention.k_norm(qkv[:, :, 1].transpose(1, 2))  # [B, H, N, d]
+    qkv = attention.qkv(tokens).reshape(batch, count, 3, attention.num_heads, attention.head_dim)
+    # The norms in the model's own dtype, the product and softmax in float32.
+    query = attention.q_norm(qkv[:, :1, 0].transpose(1, 2)).float()  # [B, H, 1, d]: [CLS]
+    keys = attention.k_norm(qkv[:, :, 1].transpose(1, 2)).float()  # [B, H, N, d]
     logits = (query * attention.scale) @ keys.transpose(-2, -1)  # [B, H, 1, N]
     return logits.softmax(dim=-1).squeeze(2)
 
