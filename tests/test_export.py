@@ -60,7 +60,7 @@ def test_export_loads_in_timm_with_the_teachers_features(run_dir: Path, tmp_path
     assert "num_classes" not in description["model_kwargs"]
     # The call the README and export.py document, offline: timm reads the local file.
     model = timm.create_model(description["model_name"], pretrained=True, num_classes=0,
-                              pretrained_cfg_overlay=dict(file=str(out)),
+                              pretrained_cfg_overlay=dict(file=str(out), custom_load=False),
                               **description["model_kwargs"]).eval()
     teacher = _network_features(run_dir, "teacher")
     assert torch.equal(model(IMAGES), teacher)
@@ -87,7 +87,7 @@ def test_training_writes_the_sidecar_of_its_teacher(run_dir: Path) -> None:
     description = json.loads((run_dir / "teacher.json").read_text())
     weights = str(run_dir / "teacher.safetensors")
     model = timm.create_model(description["model_name"], pretrained=True, num_classes=0,
-                              pretrained_cfg_overlay=dict(file=weights),
+                              pretrained_cfg_overlay=dict(file=weights, custom_load=False),
                               **description["model_kwargs"]).eval()
     assert torch.equal(model(IMAGES), _network_features(run_dir, "teacher"))
 

@@ -6,10 +6,13 @@ and ``model_kwargs`` (the keywords dinolab gave ``timm.create_model``, drop path
 
     description = json.load(open("FILE.json"))
     model = timm.create_model(description["model_name"], pretrained=True, num_classes=0,
-                              pretrained_cfg_overlay=dict(file="FILE.safetensors"),
+                              pretrained_cfg_overlay=dict(file="FILE.safetensors",
+                                                          custom_load=False),
                               **description["model_kwargs"])
 
 rebuilds the network with the trained weights (timm's pretrained loading from a local file).
+``custom_load=False``: some models' registered weights are JAX .npz files (the augreg ViTs),
+and timm before 1.0.31 would read the local file with that .npz loader.
 """
 
 from __future__ import annotations
