@@ -113,6 +113,17 @@ def test_embed_writes_npz_and_a_map(run_dir: Path, tmp_path: Path, dinolab) -> N
         "knn-train"]
 
 
+def test_embed_writes_parquet(run_dir: Path, tmp_path: Path, dinolab) -> None:
+    parquet = pytest.importorskip("pyarrow.parquet")  # optional: not a dinolab dependency
+    out = tmp_path / "embeddings.parquet"
+    status, _, err = dinolab("embed", str(run_dir), "--out", str(out), "--split", "test")
+    assert status == 0, err
+    table = parquet.read_table(out).to_pydict()
+    assert table["index"] == list(range(32)) and len(table["embedding"][0]) == 32
+    labels = build_sources(load_config(str(run_dir / "config.yaml")).data).knn_test.labels
+    assert table["label"] == labels.tolist()
+
+
 def _image_folder(root: Path, per_class: int = 6) -> Path:
     generator = np.random.default_rng(0)
     for name, brightness in (("dark", 40), ("light", 200)):
