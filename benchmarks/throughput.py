@@ -3,7 +3,8 @@
 One step = teacher forward, student forward, loss, backward, clip, optimizer step, EMA, center.
 Modes:
   model  the views are random tensors already on the device: the step alone;
-  e2e    the views come from the real data pipeline (decode, multi-crop, collate, copy).
+  e2e    the views come from the real data pipeline (decode, multi-crop, collate, copy);
+  data   the data pipeline alone, without the model.
 The peer is the same step built from lightly's public pieces (benchmarks/lightly_peer.py).
 Every figure of one table is measured in one process, one after the other: compare ratios.
 
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, nargs="+", default=[128])
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
-    parser.add_argument("--modes", default="model,e2e", help="model, e2e or both")
+    parser.add_argument("--modes", default="model,e2e", help="model, e2e, data (comma-separated)")
     parser.add_argument("--augmentation", default="pil,batched", help="e2e: pil and/or batched")
     parser.add_argument("--workers", type=int, default=1, help="loader workers (e2e)")
     parser.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "jpeg"])
@@ -314,6 +315,33 @@ def e2e_rows(args: argparse.Namespace, batch: int, scratch: Path) -> list[Row]:
     return rows
 
 
+def data_rows(args: argparse.Namespace, batch: int, scratch: Path) -> list[Row]:
+    """The data pipeline alone (views made and on the device, no model), and for ``batched``
+    the augmentation alone on one decoded batch already on the device."""
+    rows = []
+    base = make_config(args, batch)
+    images = training_images(args, base, scratch)
+    device = torch.device(base.train.device)
+    for augmentation in args.augmentation.split(","):
+        config = make_config(args, batch, f"data.augmentation={augmentation}")
+        data = build_training_data(config, images, device)
+        counter = itertools.count()
+        batches = (data.views(b, device, 0, next(counter))
+                   for b in forever(data.loader, data.sampler.set_position))
+        rows.append(measure(f"pipeline ({augmentation})", "data", lambda views: None, batches,
+                            batch, args, device))
+        if data.augment is not None:
+            decoded, sizes = next(iter(data.loader))
+            decoded = decoded.to(device)
+            generator = torch.Generator().manual_seed(0)
+            augment = data.augment
+            rows.append(measure("augmentation alone", "data",
+                                lambda _: augment(decoded, sizes, generator),
+                                itertools.repeat(None), batch, args, device))
+        del data, batches
+    return rows
+
+
 # ---------------------------------------------------------------------------------- report
 
 
@@ -355,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows += model_rows(args, batch)
             if "e2e" in modes:
                 rows += e2e_rows(args, batch, Path(scratch))
+            if "data" in modes:
+                rows += data_rows(args, batch, Path(scratch))
     print_ratios(rows)
     if args.json:
         args.json.write_text(json.dumps({
