@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import platform
@@ -334,9 +335,8 @@ def data_rows(args: argparse.Namespace, batch: int, scratch: Path) -> list[Row]:
             decoded, sizes = next(iter(data.loader))
             decoded = decoded.to(device)
             generator = torch.Generator().manual_seed(0)
-            augment = data.augment
-            rows.append(measure("augmentation alone", "data",
-                                lambda _: augment(decoded, sizes, generator),
+            augment_once = functools.partial(data.augment, decoded, sizes, generator)
+            rows.append(measure("augmentation alone", "data", lambda _, run=augment_once: run(),
                                 itertools.repeat(None), batch, args, device))
         del data, batches
     return rows

@@ -199,3 +199,22 @@ def test_non_finite_loss_stops_without_a_checkpoint(
     with pytest.raises(loop.NonFiniteLoss, match="loss is nan at step 2; last good checkpoint"):
         loop.train(config_for(data_root, tmp_path / "run"))
     assert not (tmp_path / "run" / LATEST).exists()
+
+
+def test_batched_augmentation_resumes_exactly(data_root: Path, uninterrupted: Callable[..., Path],
+                                              tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.augmentation=batched: the views of a micro-batch are seeded by its position."""
+    reference = checkpoint(uninterrupted("data.augmentation=batched"))
+    config = config_for(data_root, tmp_path / "run", "data.augmentation=batched")
+    assert interrupted_then_resumed(config, monkeypatch)[0] == [0, 1]
+    assert_same_training_state(checkpoint(tmp_path / "run"), reference)
+    with pytest.raises(AssertionError):  # and it is another augmentation than the PIL path's
+        assert_same_training_state(reference, checkpoint(uninterrupted()))
+
+
+@pytest.mark.slow
+def test_batched_augmentation_is_independent_of_workers(uninterrupted: Callable[..., Path]) -> None:
+    assert_same_training_state(
+        checkpoint(uninterrupted("data.augmentation=batched", "data.num_workers=2")),
+        checkpoint(uninterrupted("data.augmentation=batched")))

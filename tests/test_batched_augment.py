@@ -1,0 +1,267 @@
+"""The batched multi-crop augmentation: the PIL path's distributions, torchvision's operations.
+
+Two kinds of evidence. (1) Parameters: the random parameters that ``BatchedMultiCrop`` draws for
+thousands of views are compared, view by view, with the parameters the PIL path
+(``MultiCropTransform``) actually used, recorded by wrapping its operations: crop scale and
+aspect, flip, jitter, grayscale, blur and solarize rates, jitter and blur ranges. (2) Operations:
+each batched operation with one factor per image equals torchvision's functional operation
+applied image by image with that factor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from dinolab.config import DataConfig
+from dinolab.data import batched_augment as batched
+from dinolab.data import transforms
+from dinolab.data.loader import pad_collate
+
+CONFIG = DataConfig(global_crop_size=32, local_crop_size=16, num_local_crops=3,
+                    blur_sigma=(0.1, 2.0))
+NUM_VIEWS = 2 + CONFIG.num_local_crops
+IMAGES = 1500
+
+
+def _record_pil_parameters(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[list[Any]]]:
+    """Run the PIL path on IMAGES images; -> per view, what each operation received."""
+    calls: dict[str, list[Any]] = defaultdict(list)
+
+    def wrap(module: Any, name: str, record: Any) -> None:
+        original = getattr(module, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            record(calls, args, kwargs, result)
+            return result
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    wrap(transforms, "random_resized_crop_box",
+         lambda c, a, k, r: c["box"].append((r, a[0] * a[1])))
+    wrap(transforms.F, "hflip", lambda c, a, k, r: c["flip"].append(len(c["box"]) - 1))
+    wrap(transforms.F, "adjust_brightness", lambda c, a, k, r: c["brightness"].append(a[1]))
+    wrap(transforms.F, "adjust_saturation", lambda c, a, k, r: c["saturation"].append(a[1]))
+    wrap(transforms.F, "to_grayscale", lambda c, a, k, r: c["gray"].append(len(c["box"]) - 1))
+    wrap(transforms.ImageOps, "solarize",
+         lambda c, a, k, r: c["solarize"].append(len(c["box"]) - 1))
+    wrap(transforms.ImageFilter, "GaussianBlur",
+         lambda c, a, k, r: c["blur"].append((len(c["box"]) - 1, a[0])))
+    transform = transforms.MultiCropTransform(CONFIG)
+    generator = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    for _ in range(IMAGES):
+        width, height = (int(v) for v in rng.integers(40, 90, size=2))
+        transform(Image.new("RGB", (width, height), (120, 80, 40)), generator)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def pil_calls() -> dict[str, list[Any]]:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return _record_pil_parameters(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def batched_parameters() -> tuple[batched.ViewParameters, torch.Tensor]:
+    rng = np.random.default_rng(0)
+    sizes = torch.tensor(rng.integers(40, 90, size=(IMAGES, 2)))
+    generator = torch.Generator().manual_seed(0)
+    return batched.BatchedMultiCrop(CONFIG).sample(sizes, generator), sizes
+
+
+def _rate_per_view(indices: list[int], total_views: int) -> list[float]:
+    """PIL recordings hold the global view index (image * V + view): -> rate per view."""
+    counts = np.bincount(np.asarray(indices, dtype=int) % NUM_VIEWS, minlength=NUM_VIEWS)
+    return list(counts / (total_views // NUM_VIEWS))
+
+
+def _batched_rate_per_view(mask: torch.Tensor) -> list[float]:
+    return mask.view(NUM_VIEWS, IMAGES).float().mean(dim=1).tolist()  # view-major rows
+
+
+def _close(actual: list[float], expected: list[float], count: int) -> None:
+    for a, e in zip(actual, expected, strict=True):
+        tolerance = 4 * math.sqrt(max(e * (1 - e), 0.01) / count) + 1e-9
+        assert abs(a - e) <= tolerance, (actual, expected)
+
+
+def test_flip_grayscale_blur_solarize_rates_match_the_pil_path(pil_calls, batched_parameters):
+    parameters, _ = batched_parameters
+    total = IMAGES * NUM_VIEWS
+    assert len(pil_calls["box"]) == total
+    blur_views = [index for index, _ in pil_calls["blur"]]
+    for name, pil_indices, mask in [
+        ("flip", pil_calls["flip"], parameters.flip),
+        ("blur", blur_views, parameters.blur),
+        ("solarize", pil_calls["solarize"], parameters.solarize),
+    ]:
+        pil_rates = _rate_per_view(pil_indices, total)
+        batched_rates = _batched_rate_per_view(mask)
+        _close(batched_rates, pil_rates, IMAGES)
+        assert name  # for the assertion message above
+    # The spec's values, view by view: global 1 always blurred, global 2 solarized at 0.2.
+    blur_rates = _batched_rate_per_view(parameters.blur)
+    assert blur_rates[0] == 1.0
+    _close(blur_rates[1:], [0.1] + [0.5] * CONFIG.num_local_crops, IMAGES)
+    solarize_rates = _batched_rate_per_view(parameters.solarize)
+    assert solarize_rates[0] == 0.0 and all(rate == 0.0 for rate in solarize_rates[2:])
+    _close([solarize_rates[1]], [0.2], IMAGES)
+    # Grayscale is drawn after the jitter in both paths: the overall rate is 0.2 in both.
+    _close([parameters.grayscale.float().mean().item()],
+           [len(pil_calls["gray"]) / total], total)
+
+
+def test_jitter_rate_and_factor_ranges_match_the_pil_path(pil_calls, batched_parameters):
+    parameters, _ = batched_parameters
+    total = IMAGES * NUM_VIEWS
+    _close([parameters.jitter.float().mean().item()], [len(pil_calls["brightness"]) / total],
+           total)
+    brightness = torch.tensor(pil_calls["brightness"])
+    saturation = torch.tensor(pil_calls["saturation"])
+    factors = parameters.factors
+    assert factors[:, 0].min() >= 0.6 and factors[:, 0].max() <= 1.4
+    assert factors[:, 1].min() >= 0.6 and factors[:, 1].max() <= 1.4
+    assert factors[:, 2].min() >= 0.8 and factors[:, 2].max() <= 1.2
+    assert factors[:, 3].abs().max() <= 0.1
+    for pil, drawn in ((brightness, factors[:, 0]), (saturation, factors[:, 2])):
+        assert drawn.mean().item() == pytest.approx(pil.mean().item(), abs=0.01)
+        assert drawn.std().item() == pytest.approx(pil.std().item(), rel=0.1)
+    orders = parameters.order.sort(dim=1).values
+    assert torch.equal(orders, torch.arange(4).expand_as(orders))  # permutations
+    first = torch.bincount(parameters.order[:, 0], minlength=4).float() / len(parameters.order)
+    assert torch.allclose(first, torch.full((4,), 0.25), atol=0.03)  # random order
+
+
+def test_blur_sigma_range_matches_the_pil_path(pil_calls, batched_parameters):
+    parameters, _ = batched_parameters
+    pil_sigma = torch.tensor([sigma for _, sigma in pil_calls["blur"]])
+    drawn = parameters.sigma
+    assert drawn.min() >= 0.1 and drawn.max() <= 2.0
+    assert drawn.mean().item() == pytest.approx(pil_sigma.mean().item(), abs=0.05)
+
+
+def test_crop_scales_and_aspects_match_the_pil_path(pil_calls, batched_parameters):
+    parameters, sizes = batched_parameters
+    pil = torch.tensor([[*box, area] for box, area in pil_calls["box"]], dtype=torch.float64)
+    pil_fraction = (pil[:, 2] * pil[:, 3] / pil[:, 4]).view(IMAGES, NUM_VIEWS)
+    boxes = parameters.boxes.double().view(NUM_VIEWS, IMAGES, 4)
+    area = (sizes[:, 0] * sizes[:, 1]).double()
+    fraction = boxes[..., 2] * boxes[..., 3] / area
+    for view in range(NUM_VIEWS):
+        low, high = CONFIG.global_crop_scale if view < 2 else CONFIG.local_crop_scale
+        # Rounding the crop to whole pixels moves the area fraction by a little.
+        assert fraction[view].min() >= low * 0.9 and fraction[view].max() <= high * 1.05
+        assert fraction[view].mean().item() == pytest.approx(
+            pil_fraction[:, view].mean().item(), abs=0.015)
+        aspect = boxes[view, :, 3] / boxes[view, :, 2]
+        assert aspect.min() >= 3 / 4 * 0.85 and aspect.max() <= 4 / 3 * 1.15
+        pil_aspect = (pil[:, 3] / pil[:, 2]).view(IMAGES, NUM_VIEWS)[:, view]
+        assert aspect.log().mean().item() == pytest.approx(pil_aspect.log().mean().item(),
+                                                           abs=0.03)
+        assert aspect.log().std().item() == pytest.approx(pil_aspect.log().std().item(),
+                                                          rel=0.15)
+    top, left, height, width = boxes.unbind(-1)
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + height <= sizes[:, 0]).all() and (left + width <= sizes[:, 1]).all()
+
+
+def test_crop_box_fallback_for_extreme_aspect_ratios() -> None:
+    generator = torch.Generator().manual_seed(0)
+    boxes = batched.sample_crop_boxes(torch.tensor([10, 400]), torch.tensor([400, 10]),
+                                      (0.9, 1.0), generator)
+    # No try fits a 1:40 image: the centred crop of the whole image cut to the ratio range.
+    assert boxes.tolist() == [[0, 193, 10, 13], [193, 0, 13, 10]]
+
+
+# ------------------------------------------------------------------------- the operations
+
+
+def _images(count: int = 5, channels: int = 3, size: int = 12) -> torch.Tensor:
+    return torch.rand(count, channels, size, size, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue"])
+def test_colour_operations_equal_torchvision_per_image(name: str) -> None:
+    images = _images()
+    if name == "hue":
+        factors = torch.tensor([-0.5, -0.1, 0.0, 0.07, 0.5])
+    else:
+        factors = torch.tensor([0.0, 0.6, 1.0, 1.3, 2.0])
+    ours = getattr(batched, f"adjust_{name}")(images, factors)
+    theirs = torch.stack([getattr(TF, f"adjust_{name}")(image, float(factor))
+                          for image, factor in zip(images, factors, strict=True)])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_contrast_of_one_channel_images_equals_torchvision() -> None:
+    images = _images(channels=1)
+    factors = torch.tensor([0.5, 0.8, 1.0, 1.2, 1.4])
+    ours = batched.adjust_contrast(images, factors)
+    theirs = torch.stack([TF.adjust_contrast(image, float(factor))
+                          for image, factor in zip(images, factors, strict=True)])
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_grayscale_equals_torchvision() -> None:
+    images = _images()
+    torch.testing.assert_close(batched.grayscale(images), TF.rgb_to_grayscale(images))
+
+
+def test_blur_equals_torchvision_per_image() -> None:
+    images = _images(size=16)
+    sigma = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0])
+    ours = batched.gaussian_blur(images, sigma, max_sigma=2.0)
+    theirs = torch.stack([TF.gaussian_blur(image, kernel_size=[13, 13], sigma=[float(s)] * 2)
+                          for image, s in zip(images, sigma, strict=True)])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_crop_of_its_own_size_is_the_exact_pixels_and_padding_is_never_read() -> None:
+    """A whole-pixel box of the output's size gives exactly those pixels (pixel centres are
+    sampled), with every other operation off."""
+    small = torch.randint(0, 256, (3, 6, 9), dtype=torch.uint8)
+    large = torch.randint(0, 256, (3, 11, 10), dtype=torch.uint8)
+    images, sizes = pad_collate([small, large])
+    assert sizes.tolist() == [[6, 9], [11, 10]]
+    assert torch.equal(images[0, :, :6, :9], small)
+    assert torch.equal(images[0, :, :6, 9], small[:, :, 8])  # the edge repeated, not black
+    off = torch.zeros(2, dtype=torch.bool)
+    parameters = batched.ViewParameters(
+        boxes=torch.tensor([[0.0, 3, 6, 6], [2, 3, 6, 6]]), flip=off, jitter=off,
+        factors=torch.ones(2, 4), order=torch.arange(4).repeat(2, 1), grayscale=off, blur=off,
+        sigma=torch.ones(2), solarize=off)
+    views = batched.BatchedMultiCrop(CONFIG).apply(images.float(), parameters, 6)
+    torch.testing.assert_close(views[0], small[:, :6, 3:9].float())
+    torch.testing.assert_close(views[1], large[:, 2:8, 3:9].float())
+    flipped = batched.BatchedMultiCrop(CONFIG).apply(
+        images.float(), batched.ViewParameters(**{**vars(parameters), "flip": ~off}), 6)
+    torch.testing.assert_close(flipped, views.flip(-1))
+
+
+def test_views_shapes_normalisation_and_determinism() -> None:
+    config = DataConfig(global_crop_size=16, local_crop_size=8, num_local_crops=2,
+                        color_jitter_prob=0.0, grayscale_prob=0.0, blur_probs=(0.0, 0.0, 0.0),
+                        solarize_prob=0.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    augment = batched.BatchedMultiCrop(config)
+    gray = torch.full((4, 1, 20, 24), 153, dtype=torch.uint8)  # 0.6 everywhere
+    sizes = torch.tensor([[20, 24]] * 4)
+    views = augment(gray, sizes, torch.Generator().manual_seed(0))
+    assert [tuple(view.shape) for view in views] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
+    for view in views:  # (0.6 - 0.5) / 0.25, broadcast to three channels
+        torch.testing.assert_close(view, torch.full_like(view, 0.4))
+    first = batched.BatchedMultiCrop(CONFIG)(_images(size=40).mul(255).byte(),
+                                             torch.tensor([[40, 40]] * 5),
+                                             torch.Generator().manual_seed(1))
+    again = batched.BatchedMultiCrop(CONFIG)(_images(size=40).mul(255).byte(),
+                                             torch.tensor([[40, 40]] * 5),
+                                             torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
