@@ -34,6 +34,11 @@ demo: install data
 test: install data
 	$(BIN)/python -m pytest tests
 
+# Throughput of the full DINO step on this machine, dinolab against a lightly-built peer
+# (docs/benchmarks.md); benchmarks/gpu_suite.sh gives the GPU tables.
+bench: install data
+	$(BIN)/python benchmarks/throughput.py --steps 10 --warmup 3 --workers 1
+
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/mypy

@@ -43,7 +43,12 @@ from dinolab.training import step as step_module
 from dinolab.training.loop import seed_everything
 from dinolab.training.optim import parameter_groups
 from dinolab.training.pipeline import build_training_data
-from dinolab.training.state import TrainingState, build_state
+from dinolab.training.state import (
+    TrainingState,
+    build_state,
+    set_fused_attention,
+    use_fused_attention,
+)
 from dinolab.training.step import StepValues, train_step
 
 VALUES = StepValues(lr=1e-4, weight_decay=0.04, teacher_momentum=0.996, teacher_temp=0.04,
@@ -56,6 +61,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 class Row:
     name: str
     mode: str
+    batch: int
     images_per_second: float
     ms_per_step: float
     peak_memory_mb: float
@@ -162,7 +168,7 @@ def measure(name: str, mode: str, step: Callable[[Any], Any], batches: Iterator[
         step(next(batches))
     synchronize(device)
     seconds = (time.perf_counter() - start) / args.steps
-    row = Row(name, mode, batch / seconds, seconds * 1000, peak_memory_mb(device))
+    row = Row(name, mode, batch, batch / seconds, seconds * 1000, peak_memory_mb(device))
     if flops is not None:
         row.tflops = flops / seconds / 1e12
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)),
@@ -224,11 +230,10 @@ def switch_variants(state_factory: Callable[..., TrainingState],
     """(name, context, state edit): each turns one fast-path piece off."""
     from dinolab.models.multicrop import MultiCropNetwork
 
-    def unfused_attention(state: TrainingState) -> None:
+    def other_attention(state: TrainingState) -> None:
+        fused = use_fused_attention(state.config.model.attention, state.device)
         for network in (state.student_module, state.teacher):
-            for module in network.modules():
-                if hasattr(module, "fused_attn"):
-                    module.fused_attn = False
+            set_fused_attention(network, not fused)
 
     def loop_optimizer(state: TrainingState) -> None:
         state.optimizer = torch.optim.AdamW(parameter_groups(state.student_module), lr=0.0,
@@ -238,7 +243,7 @@ def switch_variants(state_factory: Callable[..., TrainingState],
     return [
         ("off: per-view forward", lambda: patched(MultiCropNetwork, "forward", per_view_forward),
          lambda state: None),
-        ("off: unfused attention", nothing, unfused_attention),
+        ("swap: fused/eager attention", nothing, other_attention),
         ("off: for-loop AdamW", nothing, loop_optimizer),
         ("off: per-tensor EMA", lambda: patched(step_module, "ema_update", ema_per_tensor),
          lambda state: None),
@@ -355,14 +360,12 @@ def format_row(row: Row) -> str:
 
 
 def print_ratios(rows: list[Row]) -> None:
-    for mode in ("model", "e2e"):
-        peer = next((r for r in rows if r.mode == mode and r.name.startswith("peer")), None)
-        if peer is None:
-            continue
+    """dinolab / peer for each mode and batch size (rows of the same mode and batch)."""
+    for peer in (row for row in rows if row.name.startswith("peer")):
         for row in rows:
-            if row.mode == mode and row.name.startswith("dinolab"):
+            if (row.mode, row.batch) == (peer.mode, peer.batch) and row.name.startswith("dinolab"):
                 ratio = row.images_per_second / peer.images_per_second
-                print(f"{mode:5s} {row.name} / peer: {ratio:.2f}x")
+                print(f"{row.mode:5s} batch {row.batch}: {row.name} / peer: {ratio:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> None:

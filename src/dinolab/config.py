@@ -72,6 +72,9 @@ class ModelConfig:
     weights: str | None = None  # a local file of backbone weights (safetensors or torch)
     patch_size: int | None = None  # ViTs: override the model's patch size
     drop_path_rate: float = 0.1  # student only; the teacher has none
+    # timm attention: fused (scaled_dot_product_attention) or eager; auto: fused on GPUs, eager
+    # on CPUs, where it made the demo's step 1.4x faster (17-token sequences; docs/LOG.md)
+    attention: str = "auto"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
     head: HeadConfig = field(default_factory=HeadConfig)
 
@@ -145,6 +148,7 @@ class Config:
 DEFAULT_PRESET = "demo"
 DATA_SOURCES = ("folder", "fashion-mnist")
 AUGMENTATIONS = ("pil", "batched")
+ATTENTIONS = ("auto", "fused", "eager")
 
 
 def preset_names() -> list[str]:
@@ -259,6 +263,8 @@ def validate(config: Config) -> None:
     _require(data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(data.augmentation in AUGMENTATIONS, "data.augmentation",
              f"must be one of {AUGMENTATIONS}")
+    _require(config.model.attention in ATTENTIONS, "model.attention",
+             f"must be one of {ATTENTIONS}")
     _require(data.global_crop_size > 0, "data.global_crop_size", "must be > 0")
     _require(data.local_crop_size > 0, "data.local_crop_size", "must be > 0")
     _require(

@@ -49,6 +49,19 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def use_fused_attention(choice: str, device: torch.device) -> bool:
+    """``auto``: fused on GPUs; eager on CPUs, where torch's fused kernel was 1.4x slower for
+    the demo's short sequences (docs/LOG.md)."""
+    return device.type == "cuda" if choice == "auto" else choice == "fused"
+
+
+def set_fused_attention(network: nn.Module, fused: bool) -> None:
+    """Choose timm's attention implementation (its modules' ``fused_attn`` attribute)."""
+    for module in network.modules():
+        if hasattr(module, "fused_attn"):
+            setattr(module, "fused_attn", fused)  # noqa: B010 (an nn.Module attribute)
+
+
 def build_network(config: Config, drop_path_rate: float) -> MultiCropNetwork:
     backbone = create_backbone(config.model, config.data.global_crop_size, drop_path_rate)
     patch_embed = getattr(backbone, "patch_embed", None)
@@ -122,6 +135,9 @@ def build_state(config: Config) -> TrainingState:
     autocast_dtype = resolve_precision(config.train.precision, device)
     student = build_network(config, config.model.drop_path_rate).to(device)
     teacher = build_network(config, 0.0).to(device)
+    fused = use_fused_attention(config.model.attention, device)
+    for network in (student, teacher):
+        set_fused_attention(network, fused)
     if config.train.compile:  # in place: parameter names and checkpoints stay the same
         for network in (student, teacher):  # static shapes: one graph per crop size
             network.backbone.compile(dynamic=False)

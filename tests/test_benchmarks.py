@@ -1,0 +1,34 @@
+"""Smoke test of benchmarks/throughput.py at a tiny size: every mode and the peer run, and the
+table it writes holds one row per variant. Speed itself is never asserted in tests."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import throughput  # noqa: E402
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_runs_every_mode(fashion_root: Path, tmp_path: Path) -> None:
+    output = tmp_path / "table.json"
+    throughput.main([
+        "--preset", "demo", "--set", f"data.root={fashion_root}",
+        "--set", "model.backbone_kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
+        "--set", "model.head.out_dim=64", "--set", "data.num_local_crops=2",
+        "--batch", "8", "--precision", "fp32", "--workers", "0", "--modes", "model,e2e,data",
+        "--switches", "--flops", "--steps", "1", "--warmup", "1", "--json", str(output),
+    ])
+    table = json.loads(output.read_text())
+    names = [(row["mode"], row["name"]) for row in table["rows"]]
+    assert ("model", "dinolab") in names and ("model", "peer (lightly)") in names
+    assert ("e2e", "dinolab (batched)") in names and ("e2e", "peer (lightly)") in names
+    assert ("data", "augmentation alone") in names
+    assert sum(name.startswith("off:") for _, name in names) == 6
+    assert ("model", "swap: fused/eager attention") in names
+    assert all(row["images_per_second"] > 0 for row in table["rows"])
+    assert all(row["tflops"] > 0 for row in table["rows"] if row["mode"] == "model")
