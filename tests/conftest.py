@@ -53,3 +53,17 @@ def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
         "run.progress_bar=false", "run.tensorboard=false", "run.log_every_steps=2",
         f"run.dir={run_dir}",
     ]
+
+
+def train_tiny_run(root: Path, *extra: str) -> Path:
+    """Train the tiny config for 2 steps an epoch under ``root`` -> the run folder. The global
+    RNG and the deterministic-algorithms switch, which training sets, are put back after."""
+    from dinolab.config import load_config
+    from dinolab.training.loop import train
+
+    deterministic, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
+    overrides = tiny_overrides(make_fashion_mnist(root / "fashion"), root / "run")
+    train(load_config(None, [*overrides, "train.limit_steps_per_epoch=2", *extra]))
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_rng_state(rng)
+    return root / "run"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_fashion_mnist, tiny_overrides
+from conftest import train_tiny_run
 from PIL import Image
 
 from dinolab.cli import main
@@ -26,15 +26,7 @@ TABLE_ROW = re.compile(r"^\s*(\d+)\s+(\d+\.\d)%\s+(\d+\.\d)%$", re.MULTILINE)
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dinolab.training.loop import train
-
-    root = tmp_path_factory.mktemp("evaluation")
-    deterministic, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
-    overrides = tiny_overrides(make_fashion_mnist(root / "fashion"), root / "run")
-    train(load_config(None, [*overrides, "train.limit_steps_per_epoch=2"]))
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_rng_state(rng)
-    return root / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("evaluation"))
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import make_fashion_mnist, tiny_overrides
+from conftest import make_fashion_mnist, tiny_overrides, train_tiny_run
 from safetensors.torch import save_file
 
 import dinolab
@@ -25,15 +25,7 @@ IMAGES = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(0))
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny run of 4 steps (a few seconds), so that teacher and student differ."""
-    from dinolab.training.loop import train
-
-    root = tmp_path_factory.mktemp("export")
-    deterministic, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
-    overrides = tiny_overrides(make_fashion_mnist(root / "fashion"), root / "run")
-    train(load_config(None, [*overrides, "train.limit_steps_per_epoch=2"]))
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_rng_state(rng)
-    return root / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("export"))
 
 
 def _network_features(run_dir: Path, which: str) -> torch.Tensor:
