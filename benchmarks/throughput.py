@@ -337,7 +337,7 @@ def data_rows(args: argparse.Namespace, batch: int, scratch: Path) -> list[Row]:
         rows.append(measure(f"pipeline ({augmentation})", "data", lambda views: None, batches,
                             batch, args, device))
         if data.augment is not None:
-            decoded, sizes = next(iter(data.loader))
+            (decoded, sizes), _ = next(iter(data.loader))  # (batch, skipped files)
             decoded = decoded.to(device)
             generator = torch.Generator().manual_seed(0)
             augment_once = functools.partial(data.augment, decoded, sizes, generator)

@@ -47,6 +47,7 @@ def _record_pil_parameters(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[li
 
     wrap(transforms, "random_resized_crop_box",
          lambda c, a, k, r: c["box"].append((r, a[0] * a[1])))
+    wrap(transforms.F, "resized_crop", lambda c, a, k, r: c["size"].append(r.size))
     wrap(transforms.F, "hflip", lambda c, a, k, r: c["flip"].append(len(c["box"]) - 1))
     wrap(transforms.F, "adjust_brightness", lambda c, a, k, r: c["brightness"].append(a[1]))
     wrap(transforms.F, "adjust_saturation", lambda c, a, k, r: c["saturation"].append(a[1]))
@@ -118,6 +119,29 @@ def test_flip_grayscale_blur_solarize_rates_match_the_pil_path(pil_calls, batche
     # Grayscale is drawn after the jitter in both paths: the overall rate is 0.2 in both.
     _close([parameters.grayscale.float().mean().item()],
            [len(pil_calls["gray"]) / total], total)
+
+
+def test_pil_path_follows_the_spec(pil_calls):
+    """The PIL path's own figures (DINO_SPEC.md, "Augmentation"): global view 1 always blurred,
+    global view 2 solarized at 0.2 and blurred at 0.1, locals blurred at 0.5 and at their size,
+    crop areas within each view's scale (up to whole-pixel rounding), sigma in [0.1, 2]."""
+    total = IMAGES * NUM_VIEWS
+    blur_rates = _rate_per_view([index for index, _ in pil_calls["blur"]], total)
+    assert blur_rates[0] == 1.0
+    _close(blur_rates[1:], [0.1] + [0.5] * CONFIG.num_local_crops, IMAGES)
+    solarize_rates = _rate_per_view(pil_calls["solarize"], total)
+    assert solarize_rates[0] == 0.0 and all(rate == 0.0 for rate in solarize_rates[2:])
+    _close([solarize_rates[1]], [0.2], IMAGES)
+    _close([len(pil_calls["flip"]) / total], [0.5], total)
+    _close([len(pil_calls["brightness"]) / total], [0.8], total)
+    sigma = torch.tensor([s for _, s in pil_calls["blur"]])
+    assert sigma.min() >= 0.1 and sigma.max() <= 2.0
+    sizes = [CONFIG.global_crop_size] * 2 + [CONFIG.local_crop_size] * CONFIG.num_local_crops
+    assert pil_calls["size"] == [(size, size) for size in sizes] * IMAGES
+    for position, ((_, _, height, width), area) in enumerate(pil_calls["box"]):
+        low, high = CONFIG.global_crop_scale if position % NUM_VIEWS < 2 else \
+            CONFIG.local_crop_scale
+        assert low * 0.9 <= height * width / area <= high * 1.05
 
 
 def test_jitter_rate_and_factor_ranges_match_the_pil_path(pil_calls, batched_parameters):

@@ -162,7 +162,7 @@ MISTAKES: list[tuple[str | None, list[str], str]] = [
     (None, ["data.local_crop_scale=[0,0.4]"], "data.local_crop_scale"),
     (None, ["train.batch_size=10", "train.accumulation_steps=3"], "train.batch_size"),
     (None, ["train.accumulation_steps=0"], "train.accumulation_steps"),
-    (None, ["data.source=imagenet"], "data.source"),
+    (None, ["data.source=coco"], "data.source"),
     (None, ["model.head.norm=group"], "model.head.norm"),
     (None, ["model.head.out_dim=0"], "model.head.out_dim"),
     (None, ["optim.min_lr=1.0"], "optim.min_lr"),

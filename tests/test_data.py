@@ -11,7 +11,10 @@ from conftest import make_fashion_mnist, write_idx
 from PIL import Image
 
 from dinolab.config import ConfigError, DataConfig
+from dinolab.data import images as images_module
+from dinolab.data import transforms
 from dinolab.data.datasets import build_sources, read_idx
+from dinolab.data.images import DataError, rgb_or_gray
 from dinolab.data.loader import EpochSampler, MultiCropDataset
 from dinolab.data.transforms import MultiCropTransform, random_resized_crop_box
 
@@ -104,5 +107,103 @@ def test_multicrop_dataset_views_depend_on_epoch_only_through_the_key(tmp_path: 
     sources = build_sources(DataConfig(source="fashion-mnist", root=str(tmp_path)))
     config = DataConfig(global_crop_size=28, local_crop_size=14, num_local_crops=1)
     dataset = MultiCropDataset(sources.train, MultiCropTransform(config), seed=0)
-    assert torch.equal(dataset[(4, 0)][0], dataset[(4, 0)][0])
-    assert not torch.equal(dataset[(4, 0)][0], dataset[(4, 1)][0])
+    (views, skipped), (again, _) = dataset[(4, 0)], dataset[(4, 0)]
+    other_epoch, _ = dataset[(4, 1)]
+    assert skipped == [] and torch.equal(views[0], again[0])
+    assert not torch.equal(views[0], other_epoch[0])
+
+
+def _save_in_every_format_and_mode(root: Path) -> dict[str, str]:
+    """One file per suffix and per mode PIL writes -> {relative path: expected mode}."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (12, 16, 3), np.uint8))
+    files = {
+        "a.jpg": (rgb, "RGB"), "b.jpeg": (rgb, "RGB"), "c.png": (rgb, "RGB"),
+        "d.webp": (rgb, "RGB"), "e.bmp": (rgb, "RGB"), "f.tif": (rgb, "RGB"),
+        "deep/er/g.TIFF": (rgb, "RGB"),
+        "gray.png": (rgb.convert("L"), "L"),
+        "palette.gif": (rgb.convert("P"), "RGB"),
+        "rgba.png": (rgb.convert("RGBA"), "RGB"),
+        "cmyk.jpg": (rgb.convert("CMYK"), "RGB"),
+        "sixteen.png": (Image.fromarray((np.arange(192).reshape(12, 16) * 300).astype(np.uint16)),
+                        "L"),
+    }
+    for name, (image, _) in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(root / name)
+    return {name: mode for name, (_, mode) in files.items()}
+
+
+def test_folder_reads_every_format_and_mode_at_any_depth(tmp_path: Path) -> None:
+    expected = _save_in_every_format_and_mode(tmp_path)
+    for hidden in (".hidden.png", ".cache/x.png", "sub/._y.jpg"):
+        (tmp_path / hidden).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / hidden, format="PNG")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "sub" / "data.npy").write_bytes(b"\0" * 8)
+    sources = build_sources(DataConfig(source="folder", root=str(tmp_path)))
+    found = {str(path.relative_to(tmp_path)): index
+             for index, path in enumerate(sources.train.paths)}  # type: ignore[attr-defined]
+    assert set(found) == set(expected)
+    for name, mode in expected.items():
+        image, label = sources.train[found[name]]
+        assert (image.mode, image.size, label) == (mode, (16, 12), -1), name
+    sixteen = np.asarray(sources.train[found["sixteen.png"]][0])
+    assert sixteen.max() == (191 * 300) // 257  # scaled to 8 bits, not clipped at 255
+    rgba = Image.new("RGBA", (2, 2), (10, 20, 30, 0))
+    assert rgb_or_gray(rgba).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+
+
+def test_gif_reads_its_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    image, _ = build_sources(DataConfig(source="folder", root=str(tmp_path))).train[0]
+    assert image.getpixel((0, 0)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "only_other_files", "none_decodes"])
+def test_unusable_folders_stop_with_one_line(tmp_path: Path, make: str) -> None:
+    root = tmp_path / "photos"
+    if make != "missing":
+        root.mkdir()
+    if make == "only_other_files":
+        (root / "readme.txt").write_text("hello")
+    if make == "none_decodes":
+        (root / "a.jpg").write_bytes(b"")
+        (root / "b.png").write_text("not a png")
+    expected = {"missing": "folder not found", "empty": "no images in",
+                "only_other_files": "no images in", "none_decodes": "no file in .* decodes"}[make]
+    with pytest.raises(DataError, match=expected) as error:
+        build_sources(DataConfig(source="folder", root=str(root)))
+    assert "\n" not in str(error.value)
+
+
+def test_the_start_probe_decodes_a_sample_never_the_whole_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded: list[Path] = []
+    original = images_module.decode_image
+    monkeypatch.setattr(images_module, "decode_image",
+                        lambda path: decoded.append(path) or original(path))
+    broken, healthy = tmp_path / "broken", tmp_path / "healthy"
+    broken.mkdir(), healthy.mkdir()
+    for index in range(200):
+        (broken / f"{index:03d}.png").write_bytes(b"broken" if index % 2 else b"")
+        Image.new("L", (4, 4)).save(healthy / f"{index:03d}.png")
+    with pytest.raises(DataError, match="none of 32 files sampled from .*broken"):
+        build_sources(DataConfig(source="folder", root=str(broken)))
+    assert len(decoded) == 32
+    decoded.clear()
+    build_sources(DataConfig(source="folder", root=str(healthy)))
+    assert len(decoded) == 1  # healthy data: one file decoded at start
+
+
+def test_pil_path_keeps_grayscale_single_channel_to_the_end(monkeypatch: pytest.MonkeyPatch):
+    """One channel through crop, jitter, blur and solarize; three only after normalisation."""
+    modes: list[str] = []
+    original = transforms.F.pil_to_tensor
+    monkeypatch.setattr(transforms.F, "pil_to_tensor",
+                        lambda image: modes.append(image.mode) or original(image))
+    config = DataConfig(global_crop_size=28, local_crop_size=14, num_local_crops=2)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), np.uint8), "L")
+    views = MultiCropTransform(config)(image, torch.Generator().manual_seed(0))
+    assert modes == ["L"] * 4 and all(view.shape[0] == 3 for view in views)

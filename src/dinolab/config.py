@@ -28,9 +28,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "folder"  # folder | fashion-mnist
-    root: str = ""  # the image folder; for named data sets "" searches the usual places
-    download: bool = False
+    # folder | filelist | imagenet | stl10 | cifar10 | cifar100 | mnist | fashion-mnist
+    source: str = "folder"
+    # the image folder, the .txt/.csv file list, or where a named data set's files are
+    # ("" searches the usual places: ./data, and Debian's folder for Fashion-MNIST)
+    root: str = ""
+    split: str = ""  # the split trained on; "" is the source's default (DATA_SPLITS)
+    download: bool = False  # named data sets: let torchvision fetch missing files
+    # Unreadable files are skipped and replaced; more than this fraction of the samples read
+    # failing stops the run (judged over at least one epoch's worth of samples)
+    max_bad_fraction: float = 0.01
     num_workers: int = 8
     # pil: each worker builds the views of its images with PIL; batched: workers only decode,
     # and the views of a whole batch are made on the training device (data/batched_augment.py)
@@ -146,7 +153,15 @@ class Config:
 
 
 DEFAULT_PRESET = "demo"
-DATA_SOURCES = ("folder", "fashion-mnist")
+DATA_SOURCES = ("folder", "filelist", "imagenet", "stl10", "cifar10", "cifar100", "mnist",
+                "fashion-mnist")
+# The splits each source can train on, its default first ("" where a source has no splits).
+DATA_SPLITS = {
+    "folder": ("",), "filelist": ("",), "imagenet": ("train", "val"),
+    "stl10": ("train+unlabeled", "unlabeled", "train", "test"),
+    "cifar10": ("train", "test"), "cifar100": ("train", "test"), "mnist": ("train", "test"),
+    "fashion-mnist": ("train", "test"),
+}
 AUGMENTATIONS = ("pil", "batched")
 ATTENTIONS = ("auto", "fused", "eager")
 
@@ -260,6 +275,12 @@ def validate(config: Config) -> None:
         config.data, config.model.head, config.loss, config.optim, config.train
     )
     _require(data.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}")
+    if data.source in DATA_SPLITS:
+        splits = DATA_SPLITS[data.source]
+        _require(data.split in ("", *splits), "data.split",
+                 f"data.source={data.source} has no splits" if splits == ("",)
+                 else f"must be one of {splits} for data.source={data.source}")
+    _require(0 <= data.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]")
     _require(data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(data.augmentation in AUGMENTATIONS, "data.augmentation",
              f"must be one of {AUGMENTATIONS}")

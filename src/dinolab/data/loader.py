@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import functional as F
 
+from dinolab.data.skipping import CollateWithSkips, Skip, read_or_replace
 from dinolab.data.transforms import MultiCropTransform
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant to spread (seed, epoch, index) over 64 bits
@@ -56,7 +57,12 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 
 class MultiCropDataset(Dataset):
-    """(index, epoch) -> the list of views of that image."""
+    """(index, epoch) -> (the list of views of that image, the skips it took).
+
+    An unreadable image is replaced by another one (data/skipping.py); the views are still
+    seeded by the sampled index, so they do not depend on how the replacement came about.
+    Views are None when no replacement could be read either.
+    """
 
     def __init__(self, images: Dataset, transform: MultiCropTransform, seed: int) -> None:
         self.images = images
@@ -66,28 +72,31 @@ class MultiCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> list[torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[torch.Tensor] | None, list[Skip]]:
         index, epoch = key
-        image, _ = self.images[index]
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-        return self.transform(image, generator)
+        seed = sample_seed(self.seed, epoch, index)
+        image, skipped = read_or_replace(self.images, index, seed)
+        if image is None:
+            return None, skipped
+        return self.transform(image, torch.Generator().manual_seed(seed)), skipped
 
 
 class DecodedImages(Dataset):
-    """(index, epoch) -> the image as uint8 [C, H, W] (C = 1 for grayscale, else 3): the whole
-    work of a loader worker when the views are made by ``BatchedMultiCrop``."""
+    """(index, epoch) -> (the image as uint8 [C, H, W] (C = 1 for grayscale, else 3), the
+    skips it took): the whole work of a loader worker when ``BatchedMultiCrop`` makes the
+    views. Unreadable images are replaced as in ``MultiCropDataset``."""
 
-    def __init__(self, images: Dataset) -> None:
+    def __init__(self, images: Dataset, seed: int = 0) -> None:
         self.images = images
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.images)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
-        image, _ = self.images[key[0]]
-        if image.mode not in ("RGB", "L"):
-            image = image.convert("RGB")
-        return F.pil_to_tensor(image)
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, list[Skip]]:
+        index, epoch = key
+        image, skipped = read_or_replace(self.images, index, sample_seed(self.seed, epoch, index))
+        return (None if image is None else F.pil_to_tensor(image)), skipped
 
 
 def pad_collate(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +121,10 @@ def pad_collate(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
 
 def training_loader(dataset: Dataset, sampler: EpochSampler, batch_per_process: int,
                     num_workers: int, pin_memory: bool) -> DataLoader:
-    """The loader of ``MultiCropDataset`` (lists of views) or ``DecodedImages`` (padded batch)."""
-    collate = pad_collate if isinstance(dataset, DecodedImages) else None
+    """The loader of ``MultiCropDataset`` or ``DecodedImages``: batches of (lists of views, or
+    a padded batch and its sizes; the skipped samples' (path, reason) pairs)."""
+    collate = CollateWithSkips(pad_collate if isinstance(dataset, DecodedImages)
+                                 else default_collate)
     # The loader's own generator: a DataLoader otherwise draws worker seeds from the global RNG
     # at every new iterator, which would shift the model's drop-path masks with num_workers.
     return DataLoader(

@@ -22,6 +22,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from dinolab.config import DataConfig
+from dinolab.data.images import rgb_or_gray
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -89,8 +90,7 @@ class MultiCropTransform:
         self.std = torch.tensor(config.std).view(3, 1, 1)
 
     def __call__(self, image: Image.Image, generator: torch.Generator) -> list[torch.Tensor]:
-        if image.mode not in ("RGB", "L"):
-            image = image.convert("RGB")
+        image = rgb_or_gray(image)
         return [self.view(image, spec, generator) for spec in self.views]
 
     def view(self, image: Image.Image, spec: ViewSpec, generator: torch.Generator) -> torch.Tensor:
@@ -142,8 +142,7 @@ class EvalTransform:
         self.std = torch.tensor(config.std).view(3, 1, 1)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        if image.mode not in ("RGB", "L"):
-            image = image.convert("RGB")
+        image = rgb_or_gray(image)
         image = F.resize(image, self.resize, InterpolationMode.BICUBIC)
         image = F.center_crop(image, [self.size, self.size])
         tensor = F.pil_to_tensor(image).float().div_(255)
