@@ -1,8 +1,9 @@
 """Pre-train on your own torch Dataset from Python.
 
 Any Dataset whose items are a PIL image, or (PIL image, label), can replace data.source. Here a
-small synthetic data set of coloured shapes stands in for yours; labels (the shape) are used
-only by the k-NN monitor, never by training.
+small synthetic data set of coloured shapes stands in for yours. Labels (the shape) are never
+used by training, and a Dataset passed in this way gets no k-NN monitor: evaluate the exported
+teacher afterwards (``dinolab knn``) on labelled data.
 
     python examples/custom_dataset.py [key=value ...]
 """
