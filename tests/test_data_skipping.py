@@ -17,7 +17,7 @@ from PIL import Image
 from dinolab.cli import main
 from dinolab.config import DataConfig, load_config
 from dinolab.data.datasets import build_sources
-from dinolab.data.images import DataError, ImageFiles
+from dinolab.data.images import DataError, ImageFiles, UnreadableImage
 from dinolab.data.skipping import SKIPPED_FILES, SkipLog, read_or_replace
 from dinolab.training.loop import train
 from dinolab.training.pipeline import build_training_data
@@ -131,3 +131,14 @@ def test_a_folder_of_only_bad_files_stops_with_exit_status_2(tmp_path: Path,
     assert status == 2
     assert error.count("\n") == 1 and "no file in" in error and "decodes as an image" in error
     assert "Traceback" not in error
+
+
+def test_evaluation_reads_a_broken_file_as_gray_with_its_label(tmp_path: Path) -> None:
+    """Features stay aligned with the file list: one gray image, never an exception."""
+    bad = _bad_folder(tmp_path)
+    sources = build_sources(DataConfig(source="folder", root=str(tmp_path)))
+    index = sources.train.paths.index(bad[1])  # type: ignore[attr-defined]
+    image, label = sources.train[index]
+    assert label == 0 and image.mode == "L" and image.getextrema() == (128, 128)
+    with pytest.raises(UnreadableImage, match="cannot identify"):
+        sources.train.read(index)  # type: ignore[attr-defined]
