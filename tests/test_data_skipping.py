@@ -142,3 +142,14 @@ def test_evaluation_reads_a_broken_file_as_gray_with_its_label(tmp_path: Path) -
     assert label == 0 and image.mode == "L" and image.getextrema() == (128, 128)
     with pytest.raises(UnreadableImage, match="cannot identify"):
         sources.train.read(index)  # type: ignore[attr-defined]
+
+
+def test_the_pipeline_stops_when_the_bad_fraction_is_exceeded(tmp_path: Path) -> None:
+    _bad_folder(tmp_path / "data")  # 4 bad of 32 files: 12% > the default 1%
+    config = _training_config(tmp_path / "data", tmp_path / "run", "train.batch_size=8")
+    (tmp_path / "run").mkdir()
+    data = build_training_data(config, build_sources(config.data).train, torch.device("cpu"))
+    data.sampler.set_position(0)
+    with pytest.raises(DataError, match=f"max_bad_fraction=0.01\\) in {tmp_path / 'data'}; e.g."):
+        for position, batch in enumerate(data.loader):
+            data.views(batch, torch.device("cpu"), 0, position)
