@@ -135,7 +135,13 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     dir: str = "runs/dino"
-    keep_every_epochs: int = 0  # also keep checkpoint_EEEE.pt every N epochs; 0: latest only
+    keep_every_epochs: int = 0  # also keep checkpoint_EEEE.pt every N epochs; 0: none
+    # step checkpoints kept (checkpoint_step_S.pt; checkpoint.pt is the newest): >= 2 leaves
+    # one to resume from when the newest is damaged
+    keep_last_checkpoints: int = 2
+    # also save mid-epoch when this much wall-clock time has passed since the last save: what a
+    # crash or a kill can lose at most; 0: only at the end of each epoch
+    checkpoint_every_minutes: float = 20.0
     log_every_steps: int = 10
     progress_bar: bool = True
     tensorboard: bool = True
@@ -360,4 +366,7 @@ def validate(config: Config) -> None:
 
     _require(bool(config.run.dir), "run.dir", "must not be empty")
     _require(config.run.keep_every_epochs >= 0, "run.keep_every_epochs", "must be >= 0")
+    _require(config.run.keep_last_checkpoints >= 1, "run.keep_last_checkpoints", "must be >= 1")
+    _require(0 <= config.run.checkpoint_every_minutes < math.inf, "run.checkpoint_every_minutes",
+             "must be >= 0 and finite (0: only at the end of each epoch)")
     _require(config.run.log_every_steps > 0, "run.log_every_steps", "must be > 0")

@@ -17,6 +17,8 @@ rebuild the architecture without dinolab.
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,41 @@ WRAPPER_KEYS = ("state_dict", "model")  # other training scripts' checkpoints
 PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 
 
+def refused_code(error: Exception) -> str | None:
+    """The global a weights-only ``torch.load`` refused to import, or None for other failures.
+
+    torch's restricted unpickler raises UnpicklingError("Weights only load failed ...") for a
+    pickle that imports a global outside its allow-list (``os.system`` in a crafted file): such a
+    file was made to run code. Other refusals (an opcode it does not run) mean a damaged file or
+    one that torch did not write.
+    """
+    text = str(error)
+    if not isinstance(error, pickle.UnpicklingError) or "Weights only load failed" not in text:
+        return None
+    named = re.search(r"unsupported GLOBAL ([\w.]+)|Unsupported global: GLOBAL ([\w.]+)", text)
+    if named is None:
+        return None
+    return next(group for group in named.groups() if group)
+
+
+def load_error_reason(error: Exception) -> str:
+    """One line on why a weights file did not load (safetensors, pickle and zip errors have
+    no common base class)."""
+    refused = refused_code(error)
+    if refused:
+        return (f"it holds a pickle that would import {refused}; refused: only tensors and "
+                "plain containers are loaded")
+    text = str(error)
+    if "PytorchStreamReader" in text:
+        return "truncated or corrupt: its zip archive is incomplete"
+    if "Weights only load failed" in text:
+        operand = re.search(r"Unsupported operand \d+", text)
+        detail = f": {operand.group(0)}" if operand else ""
+        return f"not a file torch.save wrote, or damaged (its pickle does not load{detail})"
+    first_line = text.splitlines()[0][:100] if text.strip() else "no detail"
+    return f"not a checkpoint, or truncated: {type(error).__name__}: {first_line}"
+
+
 def read_state_dict(path: Path, what: str) -> dict[str, Any]:
     """The top-level mapping of a safetensors or torch file (loaded weights-only: a pickle that
     would run code is refused). Errors name ``what`` (a config key or a command argument)."""
@@ -41,8 +78,8 @@ def read_state_dict(path: Path, what: str) -> dict[str, Any]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # safetensors, pickle and zip errors have no common base
-        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
-        raise ConfigError(f"{what}: {path} is not a weights file ({reason})") from None
+        raise ConfigError(f"{what}: {path} is not a weights file "
+                          f"({load_error_reason(error)})") from None
     if not isinstance(state, dict):
         raise ConfigError(f"{what}: {path} holds no state dict")
     return state
