@@ -5,16 +5,29 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from dinolab.config import ConfigError, load_config, preset_names
 
-EXIT_CONFIG_ERROR = 2
-EXIT_NON_FINITE = 3
+# Exit statuses of ``dinolab train`` (README, "Crash safety and preemption").
+EXIT_CONFIG_ERROR = 2  # a mistake in the configuration, arguments or input files: nothing written
+EXIT_NON_FINITE = 3  # NaN or inf in the loss or gradients: stopped, the last good checkpoint kept
+EXIT_STOPPED = 4  # SIGTERM or SIGINT: the current step saved; the same command resumes
+EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (disk full, I/O error); the last is kept
+EXIT_INTERRUPTED = 130  # a second SIGINT: stopped at once; resumes from the last checkpoint
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as one line (it prints the whole usage first otherwise), status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dinolab", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _OneLineParser(prog="dinolab", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     parser_class=_OneLineParser)
     train = commands.add_parser(
         "train",
         help="pre-train a backbone with DINO (resumes when the run folder has a checkpoint)",
@@ -112,13 +125,21 @@ def _split(arguments: list[str]) -> tuple[str | None, list[str]]:
 def _train(arguments: argparse.Namespace) -> int:
     base, overrides = _split(arguments.arguments)
     config = load_config(base, overrides)
-    from dinolab.training.loop import NonFiniteLoss, train
+    from dinolab.training.loop import CheckpointWriteError, NonFiniteLoss, RunStopped, train
 
+    statuses: dict[type[Exception], int] = {NonFiniteLoss: EXIT_NON_FINITE,
+                                            RunStopped: EXIT_STOPPED,
+                                            CheckpointWriteError: EXIT_SAVE_FAILED}
     try:
         train(config)
-    except NonFiniteLoss as error:
-        print(f"dinolab: error: {error}", file=sys.stderr)
-        return EXIT_NON_FINITE
+    except tuple(statuses) as error:
+        print(f"dinolab: {'' if isinstance(error, RunStopped) else 'error: '}{error}",
+              file=sys.stderr)
+        return next(status for kind, status in statuses.items() if isinstance(error, kind))
+    except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a save at the next step
+        print(f"dinolab: interrupted at once; {config.run.dir} resumes from its last checkpoint",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

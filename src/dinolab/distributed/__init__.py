@@ -2,6 +2,7 @@
 
 from dinolab.distributed.env import (
     all_reduce_mean,
+    any_process,
     barrier,
     init_distributed,
     is_main_process,
@@ -12,6 +13,7 @@ from dinolab.distributed.env import (
 
 __all__ = [
     "all_reduce_mean",
+    "any_process",
     "barrier",
     "init_distributed",
     "is_main_process",

@@ -54,3 +54,13 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor)
         tensor.div_(dist.get_world_size())
     return tensor
+
+
+def any_process(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag, true when it is true on at least one process: how ranks agree to stop or save
+    at the same step. One all-reduce of len(flags) numbers and a host sync; a no-op alone."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(flags)
+    values = torch.tensor([float(flag) for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in values.tolist()]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
@@ -17,24 +16,40 @@ from torch.utils.data import Dataset
 from dinolab.config import Config, ConfigError, from_dict, to_dict, to_yaml
 from dinolab.data.datasets import UNLABELLED, Sources, build_sources
 from dinolab.data.transforms import EvalTransform
-from dinolab.distributed import barrier, init_distributed, is_main_process, rank, world_size
+from dinolab.distributed import (
+    any_process,
+    barrier,
+    init_distributed,
+    is_main_process,
+    rank,
+    world_size,
+)
 from dinolab.evaluation.features import extract_features, fixed_subset
 from dinolab.evaluation.knn import knn_accuracy
 from dinolab.training import schedules
-from dinolab.training.checkpoint import LATEST, load_checkpoint, save_checkpoint
+from dinolab.training.checkpoint import (
+    LATEST,
+    CheckpointWriteError,
+    load_latest,
+    save_checkpoint,
+    step_file,
+)
+from dinolab.training.collapse import CollapseDetector
 from dinolab.training.monitor import Metrics, last_knn, progress_bar, say
+from dinolab.training.nonfinite import LEVERS, FiniteWatch, NonFiniteLoss, state_is_finite
 from dinolab.training.pipeline import TrainingData, build_training_data
+from dinolab.training.preemption import RunStopped, StopControl
 from dinolab.training.state import TrainingState, build_state, resolve_device
 from dinolab.training.step import StepValues, train_step
 from dinolab.visualization.monitor import log_attention_maps
 
 # Keys that may differ when a run folder is resumed: where it runs and how it reports.
-RESUMABLE_CHANGES = ("run.", "data.num_workers", "data.root", "data.download", "eval.",
+RESUMABLE_CHANGES = ("run.", "data.num_workers", "data.root", "data.download",
+                     "data.max_bad_fraction", "eval.",
                      "train.device", "train.compile")
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the run stops without writing a checkpoint."""
+__all__ = ["CheckpointWriteError", "NonFiniteLoss", "RunStopped", "TrainResult", "train"]
 
 
 @dataclass
@@ -140,20 +155,68 @@ def knn_monitor(state: TrainingState, sources: Sources, transform: EvalTransform
     return result
 
 
-def _check_finite(loss: torch.Tensor, step: int, run_dir: Path) -> float:
-    value = loss.item()  # host sync: only at log steps and before checkpoints
-    if not math.isfinite(value):
-        latest = run_dir / LATEST
-        last_good = str(latest) if latest.exists() else "none yet"
-        raise NonFiniteLoss(
-            f"loss is {value} at step {step}; last good checkpoint: {last_good}; levers: "
-            "train.precision=fp32 or bf16, a lower optim.lr, a lower loss.teacher_temp"
-        )
-    return value
+@dataclass
+class RunContext:
+    """What the loop reports to and guards with, besides the training state."""
+
+    run_dir: Path
+    metrics: Metrics
+    watch: FiniteWatch  # NaN/inf of any step, read at log steps and before saves
+    control: StopControl  # stop signals and the wall-clock checkpoint timer
+    collapse: CollapseDetector
+
+    def last_good(self) -> Path | None:
+        return self.run_dir / LATEST if (self.run_dir / LATEST).is_file() else None
 
 
-def run_epoch(state: TrainingState, data: TrainingData, metrics: Metrics, run_dir: Path) -> float:
-    """Train one epoch (or its remainder after a resume) -> the epoch's mean loss."""
+def save(state: TrainingState, run: RunContext, keep_epoch_copy: bool) -> Path:
+    """Checkpoint the current step (the main process writes; every process calls this).
+
+    Never from a non-finite state: the watch is read (a host sync) and the parameters scanned
+    first. A failed write on the main process stops every process with CheckpointWriteError.
+    """
+    run.watch.check(run.last_good())
+    tensors = state.student_parameters + state.teacher_parameters + [state.loss.center]
+    if not state_is_finite(tensors):
+        raise NonFiniteLoss(f"the parameters are not finite after step {state.step}; last good "
+                            f"checkpoint: {run.last_good() or 'none yet'}; {LEVERS}")
+    path, error = step_file(run.run_dir, state.step), None
+    if is_main_process():
+        try:
+            save_checkpoint(run.run_dir, state.state_dict(), state.teacher.backbone.state_dict(),
+                            state.config.run.keep_last_checkpoints, keep_epoch_copy)
+        except CheckpointWriteError as failure:
+            error = failure
+    (failed,) = any_process([error is not None], state.device)  # also the barrier
+    if failed:
+        raise error or CheckpointWriteError("the main process could not write the checkpoint")
+    run.control.saved()
+    return path
+
+
+def _log_step(state: TrainingState, run: RunContext, loss: torch.Tensor, values: StepValues,
+              images_per_second: float) -> float:
+    """Metrics of a log step (host syncs: the finite check, the loss, the entropy)."""
+    run.watch.check(run.last_good())
+    loss_value, entropy = loss.item(), state.loss.teacher_entropy.item()
+    run.metrics.log("train", state.step, {
+        "epoch": state.epoch, "loss": loss_value, "lr": values.lr,
+        "weight_decay": values.weight_decay, "teacher_momentum": values.teacher_momentum,
+        "teacher_temp": values.teacher_temp, "images_per_second": images_per_second,
+        "teacher_entropy": entropy, "kl_teacher_student": loss_value - entropy,
+    })
+    warning = run.collapse.observe(state.step, loss_value, entropy)
+    if warning:
+        say(warning)
+    return loss_value
+
+
+def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> float:
+    """Train one epoch (or its remainder after a resume) -> the epoch's mean loss.
+
+    Mid-epoch checkpoints (the timer, a stop signal) hold the sampler position, so a resume
+    from one continues with the next batch; a stop signal raises RunStopped after its save.
+    """
     config, epoch, length = state.config, state.epoch, data.length
     accumulation = config.train.accumulation_steps
     batch_per_process = config.train.batch_size // world_size()
@@ -163,35 +226,42 @@ def run_epoch(state: TrainingState, data: TrainingData, metrics: Metrics, run_di
     loss_sum = torch.zeros((), device=state.device)
     steps, tick = 0, time.perf_counter()
     micro_batches: list[list[torch.Tensor]] = []
-    for batch in data.loader:
+    for batch in data.loader if done < length.steps_per_epoch else ():
         micro_batch = (done + steps) * accumulation + len(micro_batches)
         micro_batches.append(data.views(batch, state.device, epoch, micro_batch))
         if len(micro_batches) < accumulation:
             continue
         values = step_values(config, length, state.step, epoch)
         loss = train_step(state, micro_batches, values)
+        run.watch.observe(state.step, loss, state.gradients_finite)
         micro_batches = []
         loss_sum += loss
         steps += 1
         state.samples_into_epoch += batch_per_process
         bar.update()
-        if state.step % config.run.log_every_steps == 0:
-            loss_value = _check_finite(loss, state.step, run_dir)
-            entropy = state.loss.teacher_entropy.item()
+        log_step = state.step % config.run.log_every_steps == 0
+        if log_step:
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             images_per_second = config.run.log_every_steps * config.train.batch_size / elapsed
+            loss_value = _log_step(state, run, loss, values, images_per_second)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{values.lr:.2e}",
-                            img_s=f"{images_per_second:.0f}")
-            metrics.log("train", state.step, {
-                "epoch": epoch, "loss": loss_value, "lr": values.lr,
-                "weight_decay": values.weight_decay, "teacher_momentum": values.teacher_momentum,
-                "teacher_temp": values.teacher_temp, "images_per_second": images_per_second,
-                "teacher_entropy": entropy, "kl_teacher_student": loss_value - entropy,
-            })
+                            img_s=f"{images_per_second:.0f}", **data.progress())
         if done + steps >= length.steps_per_epoch:
-            break
+            break  # the epoch's end saves, and stops there if asked to
+        decision = run.control.poll(sync_point=log_step)
+        if decision.save:
+            path = save(state, run, keep_epoch_copy=False)
+            if decision.stop:
+                bar.close()
+                raise RunStopped(_stopped_message(run, state.step, path))
     bar.close()
-    return _check_finite(loss_sum, state.step, run_dir) / max(steps, 1)
+    run.watch.check(run.last_good())
+    return loss_sum.item() / max(steps, 1)  # host sync, once an epoch
+
+
+def _stopped_message(run: RunContext, step: int, path: Path) -> str:
+    return (f"stopped by {run.control.describe()} after step {step}; checkpoint saved: {path}; "
+            "run the same command again to resume")
 
 
 def _training_sources(config: Config, dataset: Dataset | None) -> Sources:
@@ -213,9 +283,10 @@ def _check_batch(config: Config, num_images: int) -> None:
 
 
 def _resume(state: TrainingState, run_dir: Path) -> None:
-    if not (run_dir / LATEST).is_file():
+    saved = load_latest(run_dir, say)
+    if saved is None:
         return
-    state.load_state_dict(load_checkpoint(run_dir / LATEST))
+    state.load_state_dict(saved)
     if state.epoch >= state.config.train.epochs:
         knn = last_knn(run_dir / "metrics.jsonl")
         knn_text = f"; its k-NN top-1 (k={state.config.eval.knn_k}): {knn:.1f}%" if knn else ""
@@ -242,6 +313,9 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
     data = build_training_data(config, sources.train, state.device)
     length = data.length
     metrics = Metrics(run_dir, config.run.tensorboard)
+    run = RunContext(run_dir, metrics, FiniteWatch(state.device),
+                     StopControl(config.run.checkpoint_every_minutes, state.device),
+                     CollapseDetector(config.model.head.out_dim))
     eval_transform = EvalTransform(config.data)
     knn_label = f"k-NN top-1 (k={config.eval.knn_k})"
 
@@ -256,29 +330,45 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
         f"{length.steps_per_epoch} steps, batch {config.train.batch_size}, "
         f"{world_size()} process(es), {state.device.type}")
 
-    knn_end = None
-    for epoch in range(state.epoch, config.train.epochs):
-        state.epoch = epoch
-        mean_loss = run_epoch(state, data, metrics, run_dir)
-        state.epoch, state.samples_into_epoch = epoch + 1, 0
-        epoch_values: dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss}
-        if _due(epoch + 1, config.eval.knn_every_epochs, config.train.epochs):
-            knn_end = knn_monitor(state, sources, eval_transform)
-            log_attention_maps(metrics, state.teacher.backbone, sources, eval_transform, state.step)
-            if knn_end is not None:
-                epoch_values["knn_top1"] = knn_end
-        metrics.log("epoch", state.step, epoch_values)
-        knn_text = f", {knn_label}: {knn_end:.1f}%" if "knn_top1" in epoch_values else ""
-        say(f"epoch {epoch + 1}/{config.train.epochs}: loss {mean_loss:.4f}{knn_text}")
-        if is_main_process():
-            keep = _due(epoch + 1, config.run.keep_every_epochs, None)
-            save_checkpoint(run_dir, state.state_dict(), state.teacher.backbone.state_dict(), keep)
-        barrier()
-    metrics.close()
+    try:
+        with run.control:
+            knn_end = _train_epochs(state, data, run, sources, eval_transform)
+    finally:
+        metrics.close()
     seconds = time.perf_counter() - started
     if knn_end is not None:
         say(f"{knn_label}: {knn_end:.1f}% (trained teacher, {seconds / 60:.1f} min)")
     return TrainResult(run_dir, state.epoch, knn_start, knn_end, seconds)
+
+
+def _train_epochs(state: TrainingState, data: TrainingData, run: RunContext, sources: Sources,
+                  eval_transform: EvalTransform) -> float | None:
+    """The remaining epochs, a checkpoint after each -> the last k-NN top-1 (or None).
+
+    A stop signal during the epoch's last step stops after its checkpoint, before the k-NN.
+    """
+    config, knn_end = state.config, None
+    knn_label = f"k-NN top-1 (k={config.eval.knn_k})"
+    for epoch in range(state.epoch, config.train.epochs):
+        state.epoch = epoch
+        mean_loss = run_epoch(state, data, run)
+        state.epoch, state.samples_into_epoch = epoch + 1, 0
+        keep = _due(epoch + 1, config.run.keep_every_epochs, None)
+        if run.control.poll(sync_point=True).stop:
+            path = save(state, run, keep)
+            raise RunStopped(_stopped_message(run, state.step, path))
+        epoch_values: dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss}
+        if _due(epoch + 1, config.eval.knn_every_epochs, config.train.epochs):
+            knn_end = knn_monitor(state, sources, eval_transform)
+            log_attention_maps(run.metrics, state.teacher.backbone, sources, eval_transform,
+                               state.step)
+            if knn_end is not None:
+                epoch_values["knn_top1"] = knn_end
+        run.metrics.log("epoch", state.step, epoch_values)
+        knn_text = f", {knn_label}: {knn_end:.1f}%" if "knn_top1" in epoch_values else ""
+        say(f"epoch {epoch + 1}/{config.train.epochs}: loss {mean_loss:.4f}{knn_text}")
+        save(state, run, keep)
+    return knn_end
 
 
 def _due(epoch: int, every: int, last: int | None) -> bool:

@@ -46,17 +46,33 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_deca
 
 
 @torch.no_grad()
-def clip_gradients_per_tensor(parameters: list[torch.Tensor], max_norm: float) -> None:
-    """Scale each gradient tensor whose norm exceeds ``max_norm`` (the reference's clipping).
+def gradient_norms(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The norm of each gradient tensor (foreach kernels on the device: no host sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return list(torch._foreach_norm(grads)) if grads else []
+
+
+@torch.no_grad()
+def clip_gradients_per_tensor(parameters: list[torch.Tensor],
+                              max_norm: float) -> list[torch.Tensor]:
+    """Scale each gradient tensor whose norm exceeds ``max_norm`` (the reference's clipping)
+    -> the norms before clipping, which the step also checks for NaN and inf.
 
     Done with foreach kernels on the device: no host sync.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    norms = torch._foreach_norm(grads)
-    scales = [torch.clamp(max_norm / (norm + 1e-6), max=1.0) for norm in norms]
-    torch._foreach_mul_(grads, scales)
+    norms = gradient_norms(parameters)
+    if grads:
+        scales = [torch.clamp(max_norm / (norm + 1e-6), max=1.0) for norm in norms]
+        torch._foreach_mul_(grads, scales)
+    return norms
+
+
+def all_finite(norms: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Whether every norm is finite: a device bool (reading it is a host sync)."""
+    if not norms:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.isfinite(torch.stack(norms)).all()
 
 
 def drop_last_layer_gradients(model: nn.Module) -> None:

@@ -88,6 +88,9 @@ class TrainingState:
     epoch: int = 0  # the epoch in progress (or the next one to run)
     step: int = 0  # optimizer steps done in total
     samples_into_epoch: int = 0  # this process's samples consumed in ``epoch``
+    # Whether the last step's gradients were all finite: a device bool set by train_step, read
+    # by the loop at log steps (not saved: a checkpoint is only written from a finite state)
+    gradients_finite: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # Listed once: the step clips and averages these every iteration.

@@ -17,8 +17,10 @@ from torch.nn.parallel import DistributedDataParallel
 from dinolab.losses import batch_center
 from dinolab.models.teacher import ema_update
 from dinolab.training.optim import (
+    all_finite,
     clip_gradients_per_tensor,
     drop_last_layer_gradients,
+    gradient_norms,
     set_hyperparameters,
 )
 from dinolab.training.state import TrainingState
@@ -66,8 +68,15 @@ def train_step(state: TrainingState, micro_batches: list[list[torch.Tensor]],
 
     if scaler:
         scaler.unscale_(optimizer)
+    norms = None
     if state.config.optim.clip_grad > 0:
-        clip_gradients_per_tensor(state.student_parameters, state.config.optim.clip_grad)
+        norms = clip_gradients_per_tensor(state.student_parameters, state.config.optim.clip_grad)
+    if scaler:  # fp16: an overflowing step is the scaler's to skip, not an error
+        state.gradients_finite = all_finite([], state.device)
+    else:  # on the device; the loop reads it at log steps (training/nonfinite.py)
+        state.gradients_finite = all_finite(
+            norms if norms is not None else gradient_norms(state.student_parameters),
+            state.device)
     if values.freeze_last_layer:
         drop_last_layer_gradients(state.student_module)
     if scaler:
