@@ -9,14 +9,16 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import timm
 import torch
-from conftest import tiny_overrides
+from conftest import make_fashion_mnist, tiny_overrides
 
 from dinolab.cli import main
-from dinolab.config import load_config
+from dinolab.config import load_config, to_yaml
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("dinolab")
 KNN_LINE = re.compile(r"k-NN top-1 \(k=20\): (\d+\.\d)%")
@@ -42,26 +44,192 @@ def _assert_clean_config_error(result: subprocess.CompletedProcess[str], key: st
     assert not run_dir.exists(), "a configuration mistake must not create the run folder"
 
 
-# (arguments before run.dir, the key or name the one-line message must contain)
-MISTAKES: list[tuple[list[str], str]] = [
-    (["train.epochz=3"], "train.epochz"),
-    (["train.epochs=abc"], "train.epochs"),
-    (["train.epochs=0"], "train.epochs"),
-    (["loss.teacher_temp=-0.04"], "loss.teacher_temp"),
-    (["data.local_crop_size=300"], "data.local_crop_size"),
-    (["data.global_crop_scale=[0.4,1.2]"], "data.global_crop_scale"),
-    (["train.batch_size=10", "train.accumulation_steps=4"], "train.batch_size"),
-    (["data.source=imagenet"], "data.source"),
-    (["model.head.norm=group"], "model.head.norm"),
-    (["optim.lr=inf"], "optim.lr"),
-    (["train.precision=fp8"], "train.precision"),
-    (["no_such_preset"], "no_such_preset"),
-    ([str(Path("missing") / "recipe.yaml")], "recipe.yaml"),
-    (["demo", "train.epochs"], "train.epochs"),  # not key=value
+def _files(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+            for path in root.rglob("*")}
+
+
+class Evil:
+    """Unpickling this runs a shell command: what a crafted checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _write(relative: str, text: str) -> Callable[[Path, Path], None]:
+    return lambda inputs, run_dir: (inputs / relative).write_text(text)
+
+
+def _run_folder(*changes: str, checkpoint: str = "") -> Callable[[Path, Path], None]:
+    """A run folder holding the tiny config (with ``changes``) and a checkpoint.pt kind."""
+    def setup(inputs: Path, run_dir: Path) -> None:
+        run_dir.mkdir()
+        config = load_config(None, [*tiny_overrides(inputs.parent / "fashion", run_dir),
+                                    *changes])
+        (run_dir / "config.yaml").write_text(to_yaml(config))
+        if checkpoint == "evil":
+            torch.save({"student": Evil(inputs / "MARKER")}, run_dir / "checkpoint.pt")
+        elif checkpoint == "garbage":
+            (run_dir / "checkpoint.pt").write_bytes(b"\x00not a checkpoint")
+    return setup
+
+
+def _weights(kind: str) -> Callable[[Path, Path], None]:
+    def setup(inputs: Path, run_dir: Path) -> None:
+        if kind == "evil":
+            torch.save({"model": Evil(inputs / "MARKER")}, inputs / "weights.pt")
+        elif kind == "text":
+            (inputs / "weights.pt").write_text("these are my notes, not weights\n")
+        else:  # another architecture: a wider ViT than the tiny config's
+            from safetensors.torch import save_file
+
+            other = timm.create_model("vit_tiny_patch16_224", num_classes=0, depth=1,
+                                      embed_dim=48, num_heads=2, patch_size=7, img_size=28)
+            save_file(other.state_dict(), str(inputs / "weights.safetensors"))
+    return setup
+
+
+def _nothing(inputs: Path, run_dir: Path) -> None:
+    return None
+
+
+# (id, preset or YAML (None: the tiny config alone), overrides after the tiny config's, what
+# the one line must contain, set-up of input files). {inputs}: a folder of the test's files.
+MISTAKES: list[tuple[str, str | None, list[str], str, Callable[[Path, Path], None]]] = [
+    ("unknown-key", None, ["train.epochz=3"], "unknown config key: train.epochz", _nothing),
+    ("unknown-section", None, ["trian.epochs=3"], "trian", _nothing),
+    ("text-for-int", None, ["train.epochs=abc"], "train.epochs", _nothing),
+    ("float-for-int", None, ["train.batch_size=16.5"], "train.batch_size", _nothing),
+    ("not-a-bool", None, ["run.tensorboard=maybe"], "run.tensorboard", _nothing),
+    ("zero-epochs", None, ["train.epochs=0"], "train.epochs", _nothing),
+    ("negative-temperature", None, ["loss.teacher_temp=-0.04"], "loss.teacher_temp", _nothing),
+    ("local-crop-too-large", None, ["data.local_crop_size=56"], "data.local_crop_size",
+     _nothing),
+    ("crop-scale-above-1", None, ["data.global_crop_scale=[0.4,1.2]"],
+     "data.global_crop_scale", _nothing),
+    ("crop-scale-one-number", None, ["data.global_crop_scale=[0.5]"],
+     "data.global_crop_scale", _nothing),
+    ("batch-vs-accumulation", None, ["train.batch_size=10", "train.accumulation_steps=4"],
+     "train.batch_size", _nothing),
+    ("misspelt-source", None, ["data.source=fashion_mnist"], "data.source", _nothing),
+    ("unknown-head-norm", None, ["model.head.norm=group"], "model.head.norm", _nothing),
+    ("infinite-lr", None, ["optim.lr=inf"], "optim.lr", _nothing),
+    ("min-lr-above-lr", None, ["optim.min_lr=1.0"], "optim.min_lr", _nothing),
+    ("unknown-precision", None, ["train.precision=fp8"], "train.precision", _nothing),
+    ("unknown-device", None, ["train.device=gpu"], "train.device", _nothing),
+    ("drop-path-above-1", None, ["model.drop_path_rate=1.5"], "model.drop_path_rate", _nothing),
+    ("negative-workers", None, ["data.num_workers=-1"], "data.num_workers", _nothing),
+    ("log-every-0", None, ["run.log_every_steps=0"], "run.log_every_steps", _nothing),
+    ("keep-no-checkpoint", None, ["run.keep_last_checkpoints=0"], "run.keep_last_checkpoints",
+     _nothing),
+    ("negative-checkpoint-minutes", None, ["run.checkpoint_every_minutes=-1"],
+     "run.checkpoint_every_minutes", _nothing),
+    ("empty-run-dir", None, ["run.dir="], "run.dir", _nothing),
+    ("misspelt-preset", "demp", [], "unknown preset 'demp'", _nothing),
+    ("missing-yaml", "recipes/mine.yaml", [], "config file not found: recipes/mine.yaml",
+     _nothing),
+    ("broken-yaml", "{inputs}/broken.yaml", [], "not valid YAML",
+     _write("broken.yaml", "train: [epochs: 3\n")),
+    ("yaml-of-a-list", "{inputs}/list.yaml", [], "expected a mapping",
+     _write("list.yaml", "- train.epochs=3\n")),
+    ("not-key-value", None, ["train.epochs"], "'train.epochs' is not key=value", _nothing),
+    ("unknown-option", None, ["--epochs", "3"], "unrecognized arguments: --epochs", _nothing),
+    ("batch-larger-than-data", None, ["train.batch_size=128"], "train.batch_size", _nothing),
+    ("missing-data-folder", None, ["data.root={inputs}/nowhere"], "data.root", _nothing),
+    ("data-root-is-a-file", None, ["data.source=folder", "data.root={inputs}/notes.txt"],
+     "data.root", _write("notes.txt", "hello\n")),
+    ("empty-data-folder", None, ["data.source=folder", "data.root={inputs}"],
+     "no images", _nothing),
+    ("folder-without-root", None, ["data.source=folder", "data.root="], "data.root", _nothing),
+    ("misspelt-backbone", None, ["model.backbone=vit_tinny_patch16_224"], "model.backbone",
+     _nothing),
+    ("unknown-backbone-argument", None, ["model.backbone_kwargs={no_such_argument: 1}"],
+     "model.backbone_kwargs", _nothing),
+    ("crop-not-a-patch-multiple", None, ["data.global_crop_size=30"], "data.global_crop_size",
+     _nothing),
+    ("run-dir-under-a-file", None, ["run.dir={inputs}/notes.txt/run"], "run.dir",
+     _write("notes.txt", "hello\n")),
+    ("run-dir-of-another-config", None, [], "another configuration: model.head.out_dim",
+     _run_folder("model.head.out_dim=128")),
+    ("run-checkpoint-runs-code", None, [], "would import", _run_folder(checkpoint="evil")),
+    ("run-checkpoint-unreadable", None, [], "no readable checkpoint",
+     _run_folder(checkpoint="garbage")),
+    ("weights-missing", None, ["model.weights={inputs}/weights.pt"], "file not found",
+     _nothing),
+    ("weights-not-a-checkpoint", None, ["model.weights={inputs}/weights.pt"],
+     "is not a weights file", _weights("text")),
+    ("weights-of-another-architecture", None, ["model.weights={inputs}/weights.safetensors"],
+     "does not fit", _weights("other")),
+    ("weights-run-code", None, ["model.weights={inputs}/weights.pt"], "would import posix.system",
+     _weights("evil")),
 ]
 
 
-@pytest.mark.parametrize(("arguments", "key"), MISTAKES, ids=[" ".join(a) for a, _ in MISTAKES])
+@pytest.fixture
+def run_main(capsys: pytest.CaptureFixture[str]):
+    """``dinolab.cli.main`` in this process (a subprocess would spend seconds importing torch)
+    -> CompletedProcess; argparse's exit is a status too. Restores the global torch state that
+    train() sets."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    rng = torch.get_rng_state()
+
+    def run(arguments: list[str]) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        try:
+            status = main(["train", *arguments])
+        except SystemExit as stop:
+            status = stop.code  # type: ignore[assignment]
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(arguments, status, captured.out, captured.err)
+
+    yield run
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_rng_state(rng)
+
+
+@pytest.mark.parametrize(("base", "overrides", "message", "setup"),
+                         [case[1:] for case in MISTAKES], ids=[case[0] for case in MISTAKES])
+def test_mistake_is_one_line_status_2_and_writes_nothing(
+        tmp_path: Path, run_main, monkeypatch: pytest.MonkeyPatch, base: str | None,
+        overrides: list[str], message: str, setup: Callable[[Path, Path], None]) -> None:
+    """Each mistake a new user makes: one line naming it, exit status 2, no file written or
+    changed anywhere (the run folder is not created), and no code run from a crafted pickle."""
+    inputs, run_dir = tmp_path / "inputs", tmp_path / "run"
+    inputs.mkdir()
+    make_fashion_mnist(tmp_path / "fashion")
+    setup(inputs, run_dir)
+    monkeypatch.chdir(tmp_path)
+    before = _files(tmp_path)
+    arguments = [*([base.replace("{inputs}", str(inputs))] if base else []),
+                 *tiny_overrides(tmp_path / "fashion", run_dir),
+                 *[item.replace("{inputs}", str(inputs)) for item in overrides]]
+    result = run_main(arguments)
+    assert result.returncode == 2, (result.stdout[-1000:], result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dinolab: error:"), result.stderr
+    assert message in lines[0]
+    assert _files(tmp_path) == before, "a mistake must write nothing"
+    assert not (inputs / "MARKER").exists(), "the crafted pickle ran its code"
+
+
+def test_the_crafted_pickle_does_run_code_when_loaded_unsafely(tmp_path: Path) -> None:
+    """The table's malicious files are real: an unrestricted torch.load runs their command."""
+    torch.save({"model": Evil(tmp_path / "MARKER")}, tmp_path / "weights.pt")
+    torch.load(tmp_path / "weights.pt", weights_only=False)
+    assert (tmp_path / "MARKER").exists()
+
+
+# A few mistakes again in a real process (python -m dinolab.cli): the same single line and
+# status, from the command a user runs, before any work starts.
+IN_A_PROCESS = [(["train.epochz=3"], "train.epochz"), (["no_such_preset"], "no_such_preset"),
+                (["--epochs", "3"], "--epochs")]
+
+
+@pytest.mark.parametrize(("arguments", "key"), IN_A_PROCESS,
+                         ids=[" ".join(a) for a, _ in IN_A_PROCESS])
 def test_config_mistake_exits_2_with_one_line(tmp_path: Path, arguments: list[str],
                                               key: str) -> None:
     run_dir = tmp_path / "run"
@@ -74,53 +242,6 @@ def test_console_script_reports_mistakes_the_same_way(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = _run(["train.epochs=-1", f"run.dir={run_dir}"], cwd=tmp_path, console_script=True)
     _assert_clean_config_error(result, "train.epochs", run_dir)
-
-
-@pytest.fixture
-def run_main(capsys: pytest.CaptureFixture[str]):
-    """``dinolab.cli.main`` in this process (a subprocess would spend seconds importing torch):
-    for mistakes found inside ``train``. Restores the global torch state that train() sets."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    rng = torch.get_rng_state()
-
-    def run(arguments: list[str]) -> subprocess.CompletedProcess[str]:
-        capsys.readouterr()
-        status = main(["train", *arguments])
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(arguments, status, captured.out, captured.err)
-
-    yield run
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_rng_state(rng)
-
-
-@pytest.mark.parametrize(("argument", "key"), [
-    ("train.batch_size=128", "train.batch_size"),  # larger than the 96 images
-    ("data.root={tmp}/nowhere", "data.root"),
-])
-def test_data_mistakes_fail_before_the_run_folder(tmp_path: Path, fashion_root: Path, run_main,
-                                                  argument: str, key: str) -> None:
-    """Mistakes only the data can reveal (its size, its folder) are found before any write."""
-    run_dir = tmp_path / "run"
-    result = run_main([*tiny_overrides(fashion_root, run_dir), argument.format(tmp=tmp_path)])
-    _assert_clean_config_error(result, key, run_dir)
-
-
-@pytest.mark.parametrize(("argument", "key"), [
-    ("model.backbone=vit_tinny_patch16_224", "model.backbone"),
-    ("model.backbone_kwargs={no_such_argument: 1}", "model.backbone_kwargs"),
-])
-def test_backbone_mistake_fails_before_the_run_folder(tmp_path: Path, fashion_root: Path, run_main,
-                                                      argument: str, key: str) -> None:
-    run_dir = tmp_path / "run"
-    result = run_main([*tiny_overrides(fashion_root, run_dir), argument])
-    _assert_clean_config_error(result, key, run_dir)
-
-
-def test_wrong_length_crop_scale_is_a_clean_error(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    result = _run(["data.global_crop_scale=[0.5]", f"run.dir={run_dir}"], cwd=tmp_path)
-    _assert_clean_config_error(result, "data.global_crop_scale", run_dir)
 
 
 def _read_metrics(path: Path) -> list[dict]:

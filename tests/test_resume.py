@@ -196,7 +196,8 @@ def test_non_finite_loss_stops_without_a_checkpoint(
         return student.sum() * float("nan")
 
     monkeypatch.setattr(DINOLoss, "_loss", poisoned)
-    with pytest.raises(loop.NonFiniteLoss, match="loss is nan at step 2; last good checkpoint"):
+    with pytest.raises(loop.NonFiniteLoss,
+                       match="loss is nan at step 1; last good checkpoint: none yet"):
         loop.train(config_for(data_root, tmp_path / "run"))
     assert not (tmp_path / "run" / LATEST).exists()
 
