@@ -39,12 +39,14 @@ from dinolab.training.pipeline import build_training_data  # noqa: E402
 
 CPU = torch.device("cpu")
 PRESETS = {"jpeg": "imagenet_vit_small", "fashion": "demo"}
+BATCHES = {"jpeg": 32, "fashion": 128}  # images per batch: the demo's own batch for fashion
 
 
 @dataclass
 class Row:
     workload: str
     path: str
+    batch: int
     workers: int
     views_per_second: float
     views_per_second_per_worker: float
@@ -56,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workloads", default="jpeg,fashion", help="jpeg and/or fashion")
     parser.add_argument("--paths", default="pil,batched", help="pil and/or batched")
     parser.add_argument("--workers", default="1,2", help="loader worker counts, e.g. 1,2,4")
-    parser.add_argument("--batch", type=int, default=32, help="images per batch")
+    parser.add_argument("--batch", type=int, help="images per batch (default: jpeg 32, "
+                        "fashion 128)")
     parser.add_argument("--batches", type=int, default=8, help="timed batches per figure")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     parser.add_argument("--images", type=int, default=512, help="generated JPEGs")
@@ -100,16 +103,18 @@ def views_per_second(config: Config, images: Dataset, args: argparse.Namespace) 
 
 def measure(workload: str, args: argparse.Namespace, scratch: Path) -> list[Row]:
     images, root = workload_images(workload, args, scratch)
+    batch = args.batch or BATCHES[workload]
     rows = []
     for path, workers in itertools.product(args.paths.split(","),
                                            (int(n) for n in args.workers.split(","))):
         config = load_config(PRESETS[workload], [
             *root, f"data.augmentation={path}", f"data.num_workers={workers}",
-            f"train.batch_size={args.batch}", f"run.dir={scratch / 'run'}"])
+            f"train.batch_size={batch}", f"run.dir={scratch / 'run'}"])
         rate = views_per_second(config, images, args)
         per_image = 2 + config.data.num_local_crops
-        row = Row(workload, path, workers, rate, rate / max(workers, 1), rate / per_image)
-        print(f"{row.workload:8s} {row.path:8s} {row.workers:7d} {row.views_per_second:10.0f} "
+        row = Row(workload, path, batch, workers, rate, rate / max(workers, 1), rate / per_image)
+        print(f"{row.workload:8s} {row.path:8s} {batch:5d} {row.workers:7d} "
+              f"{row.views_per_second:10.0f} "
               f"{row.views_per_second_per_worker:11.0f} {row.images_per_second:9.0f}", flush=True)
         rows.append(row)
     return rows
@@ -118,9 +123,9 @@ def measure(workload: str, args: argparse.Namespace, scratch: Path) -> list[Row]
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     print(f"cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads in the main process; batch {args.batch}")
-    print(f"{'workload':8s} {'path':8s} {'workers':>7s} {'views/s':>10s} {'per worker':>11s} "
-          f"{'images/s':>9s}")
+          f"{torch.get_num_threads()} threads in the main process")
+    print(f"{'workload':8s} {'path':8s} {'batch':>5s} {'workers':>7s} {'views/s':>10s} "
+          f"{'per worker':>11s} {'images/s':>9s}")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as scratch:
         for workload in args.workloads.split(","):
