@@ -40,10 +40,11 @@ def child_arguments(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
             "num_heads: 2}", "run.log_every_steps=1", *extra]
 
 
-def start(plan: str, arguments: list[str]) -> subprocess.Popen[str]:
+def start(plan: str, arguments: list[str], new_session: bool = False) -> subprocess.Popen[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen([sys.executable, str(CHILD), plan, *arguments], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=new_session)
 
 
 def finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
@@ -163,6 +164,29 @@ def test_sigterm_saves_the_current_step_and_resumes(data_root: Path, reference: 
     assert f"after step {stopped['step']};" in lines[0]
     assert 3 <= stopped["step"] < 6 and stopped["samples_into_epoch"] == 16 * stopped["step"], \
         "a mid-epoch checkpoint of the step in progress (epoch checkpoints are at 6 and 12)"
+    resume_to_the_end(arguments)
+    assert_same_networks(final_state(run_dir), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_whole_job_with_loader_workers_saves_and_resumes(
+        data_root: Path, reference: dict[str, Any], tmp_path: Path, stop: signal.Signals) -> None:
+    """Ctrl-C in a terminal and Slurm's SIGTERM reach every process of the job, the loader's
+    workers too: they must leave the stop to the main process (SIGTERM used to kill them and
+    break the loop with a traceback before the save)."""
+    run_dir = tmp_path / "run"
+    arguments = child_arguments(data_root, run_dir, "run.checkpoint_every_minutes=0",
+                                "data.num_workers=1")
+    process = start("slow", arguments, new_session=True)
+    deadline = time.monotonic() + TIMEOUT_S
+    while logged_step(run_dir) < 3:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(process.pid, stop)
+    status, _, err = finish(process)
+    assert status == EXIT_STOPPED, err[-2000:]
+    assert err.strip().startswith(f"dinolab: stopped by {stop.name} after step "), err[-2000:]
     resume_to_the_end(arguments)
     assert_same_networks(final_state(run_dir), reference)
 

@@ -9,6 +9,7 @@ resumed run continues mid-epoch without replaying or skipping images.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -119,6 +120,14 @@ def pad_collate(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
     return batch, sizes
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT and SIGTERM to the main process. Ctrl-C in a terminal, and
+    Slurm's warning signal, reach every process of the job. A worker that died of it would
+    break the loop before the main process saves the step in progress."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def training_loader(dataset: Dataset, sampler: EpochSampler, batch_per_process: int,
                     num_workers: int, pin_memory: bool) -> DataLoader:
     """The loader of ``MultiCropDataset`` or ``DecodedImages``: batches of (lists of views, or
@@ -131,5 +140,5 @@ def training_loader(dataset: Dataset, sampler: EpochSampler, batch_per_process: 
         dataset, batch_size=batch_per_process, sampler=sampler, drop_last=True,
         num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator(),
         persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
-        collate_fn=collate,
+        collate_fn=collate, worker_init_fn=ignore_stop_signals,
     )
