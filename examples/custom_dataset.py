@@ -2,8 +2,8 @@
 
 Any Dataset whose items are a PIL image, or (PIL image, label), can replace data.source. Here a
 small synthetic data set of coloured shapes stands in for yours. Labels (the shape) are never
-used by training, and a Dataset passed in this way gets no k-NN monitor: evaluate the exported
-teacher afterwards (``dinolab knn``) on labelled data.
+used by training; because the items carry them, the k-NN monitor compares a fixed 10% of the
+images with the rest at the start and the end.
 
     python examples/custom_dataset.py [key=value ...]
 """

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from dinolab.config import Config, ConfigError, from_dict, to_dict, to_yaml
 from dinolab.data.datasets import UNLABELLED, Sources, build_sources
@@ -264,10 +264,20 @@ def _stopped_message(run: RunContext, step: int, path: Path) -> str:
             "run the same command again to resume")
 
 
-def _training_sources(config: Config, dataset: Dataset | None) -> Sources:
+def _training_sources(config: Config, dataset: Dataset | None,
+                      holdout_fraction: float = 0.1) -> Sources:
+    """data.source's images, or the user's Dataset. A Dataset of (image, label) pairs (judged by
+    its first item) also feeds the k-NN monitor: a fixed random 10% is its test split, the
+    rest its train split, as for a folder of class folders; training uses every image."""
     if dataset is None:
         return build_sources(config.data)
-    return Sources(train=_AsPairs(dataset))
+    pairs = _AsPairs(dataset)
+    if len(pairs) < 2 or pairs[0][1] == UNLABELLED:
+        return Sources(train=pairs)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0)).tolist()
+    num_test = max(1, int(len(pairs) * holdout_fraction))
+    return Sources(train=pairs, knn_train=Subset(pairs, sorted(order[num_test:])),
+                   knn_test=Subset(pairs, sorted(order[:num_test])))
 
 
 def _check_batch(config: Config, num_images: int) -> None:

@@ -1,0 +1,51 @@
+"""train(config, dataset=...): any Dataset of PIL images or (PIL image, label) pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_overrides
+from PIL import Image
+from torch.utils.data import Dataset
+
+from dinolab.config import load_config
+from dinolab.training.loop import train
+
+
+class Quadrants(Dataset):
+    """64 images of 28 px: a bright square in one of 4 quadrants (the label), and noise."""
+
+    def __init__(self, labelled: bool) -> None:
+        self.labelled = labelled
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> Image.Image | tuple[Image.Image, int]:
+        rng = np.random.default_rng(index)
+        label = index % 4
+        pixels = rng.integers(0, 60, (28, 28))
+        top, left = (label // 2) * 14, (label % 2) * 14
+        pixels[top + 2: top + 12, left + 2: left + 12] += 180
+        image = Image.fromarray(pixels.astype(np.uint8), mode="L")
+        return (image, label) if self.labelled else image
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_a_labelled_dataset_feeds_the_knn_monitor(tmp_path: Path, labelled: bool) -> None:
+    deterministic, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
+    overrides = tiny_overrides(tmp_path / "unused", tmp_path / "run")
+    result = train(load_config(None, [*overrides, "train.epochs=1"]),
+                   dataset=Quadrants(labelled))
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_rng_state(rng)
+    assert result.epochs_done == 1
+    if labelled:  # a fixed 10% held out: 6 test images, so top-1 is a multiple of 1/6
+        for accuracy in (result.knn_start, result.knn_end):
+            assert accuracy is not None
+            assert accuracy * 6 / 100 == pytest.approx(round(accuracy * 6 / 100))
+    else:
+        assert result.knn_start is None and result.knn_end is None
