@@ -87,3 +87,12 @@ def test_training_without_local_crops(tmp_path: Path) -> None:
     losses = [line for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
               if '"kind": "epoch"' in line]
     assert len(losses) == 1 and "NaN" not in losses[0]
+
+
+def test_auto_augmentation_is_batched_on_gpus_and_pil_elsewhere() -> None:
+    from dinolab.training.pipeline import resolve_augmentation
+
+    assert resolve_augmentation("auto", torch.device("cuda", 0)) == "batched"
+    assert resolve_augmentation("auto", torch.device("cpu")) == "pil"
+    assert resolve_augmentation("pil", torch.device("cuda", 0)) == "pil"
+    assert resolve_augmentation("batched", torch.device("cpu")) == "batched"
