@@ -37,7 +37,7 @@ test: install data
 # Throughput of the full DINO step on this machine, dinolab against a lightly-built peer
 # (docs/benchmarks.md); benchmarks/gpu_suite.sh gives the GPU tables.
 bench: install data
-	$(BIN)/python benchmarks/throughput.py --steps 10 --warmup 3 --workers 1
+	$(BIN)/python benchmarks/throughput.py --steps 10 --warmup 3 --workers 1 --modes model,e2e,data
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
