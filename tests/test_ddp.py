@@ -118,6 +118,28 @@ def worker(mode: str, out_dir: Path, data_root: Path | None) -> None:
         result = loop.train(load_config(None, train_overrides(data_root, out_dir / "run")))
         torch.save({"saves": saved_by_me, "epochs_done": result.epochs_done},
                    out_dir / f"rank{me}.pt")
+    elif mode == "bad-files":
+        from dinolab.data import skipping
+        from dinolab.data.images import DataError
+        from dinolab.training import loop
+
+        if me == 1:  # only rank 0 finds too many bad files
+            original = skipping.SkipLog.__init__
+
+            def tolerant(self: Any, run_dir: Path, where: str, fraction: float, *args: Any,
+                         **kwargs: Any) -> None:
+                original(self, run_dir, where, 1.0, *args, **kwargs)
+
+            skipping.SkipLog.__init__ = tolerant  # type: ignore[method-assign]
+        assert data_root is not None
+        overrides = train_overrides(data_root, out_dir / "run") + [
+            "data.source=folder", f"data.root={data_root}", "run.log_every_steps=2"]
+        try:
+            loop.train(load_config(None, overrides))
+            outcome = "finished"
+        except DataError as error:
+            outcome = str(error)
+        torch.save({"outcome": outcome}, out_dir / f"rank{me}.pt")
     shutdown()
 
 
@@ -256,6 +278,23 @@ def test_train_under_two_processes_equals_one_process(
     assert_networks_close(two["student"], one["student"], "student", TOLERANCE, key_bias)
     assert_networks_close(two["teacher"], one["teacher"], "teacher", TOLERANCE, key_bias)
     torch.testing.assert_close(two["loss"]["center"], one["loss"]["center"], **TOLERANCE)
+
+
+@pytest.mark.slow
+def test_a_data_stop_on_one_process_stops_every_process(tmp_path: Path) -> None:
+    """Too many bad files on rank 0 alone: both ranks stop at the same log step with the data
+    error, instead of rank 1 waiting in its next all-reduce for a process that has left."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(40):
+        Image.new("L", (28, 28), 10 + 5 * index).save(folder / f"{index:02d}.png")
+    for index in range(8):
+        (folder / f"broken{index}.png").write_bytes(b"")
+    ranks = launch("bad-files", tmp_path / "out", folder)
+    assert "failed to decode" in ranks[0]["outcome"] and "broken" in ranks[0]["outcome"]
+    assert ranks[1]["outcome"].startswith("another process stopped the run")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from dinolab.data.images import DECODE_ERRORS, DataError, ImageFiles, UnreadableImage, rgb_or_gray
+from dinolab.distributed import any_process
 
 SKIPPED_FILES = "skipped_files.txt"
 MAX_TRIES = 100  # replacements per sample before its batch is given up (DataError)
@@ -80,7 +81,13 @@ class SkipLog:
     """
 
     def __init__(self, run_dir: Path, where: str, max_bad_fraction: float, epoch_size: int,
-                 warn: Callable[[str], None], warnings_in_full: int = 10) -> None:
+                 warn: Callable[[str], None], warnings_in_full: int = 10,
+                 collective: bool = False) -> None:
+        # collective (several processes): too many failures are held in ``error`` until
+        # ``check``, which every process calls at the same step, so that all stop together
+        # instead of the others waiting in their next collective for the one that left.
+        self.collective = collective
+        self.error: DataError | None = None
         self.path = run_dir / SKIPPED_FILES
         self.where = where
         self.max_bad_fraction = max_bad_fraction
@@ -102,10 +109,23 @@ class SkipLog:
             raise DataError(f"{MAX_TRIES} files in a row failed to decode in {self.where}; "
                             f"{self._summary()}")
         if self.failed > self.max_bad_fraction * max(self.read, self.epoch_size):
-            raise DataError(
+            self.error = self.error or DataError(
                 f"{self.failed} of {self.read} samples read failed to decode (more than "
                 f"data.max_bad_fraction={self.max_bad_fraction:g}) in {self.where}; "
                 f"{self._summary()}")
+            if not self.collective:
+                raise self.error
+
+    def check(self, device: torch.device) -> None:
+        """Raise the DataError of any process, on every process (a collective when there are
+        several; call it at the same step everywhere)."""
+        if not self.collective:
+            return
+        (anywhere,) = any_process([self.error is not None], device)
+        if anywhere:
+            raise self.error or DataError(
+                f"another process stopped the run: too many samples failed to decode in "
+                f"{self.where}; its warnings name them, and they are listed in {self.path}")
 
     def _list(self, where: str, reason: str) -> None:
         if len(self.examples) < 3 and where not in (known for known, _ in self.examples):

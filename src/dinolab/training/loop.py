@@ -241,6 +241,7 @@ def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> floa
         bar.update()
         log_step = state.step % config.run.log_every_steps == 0
         if log_step:
+            data.skips.check(state.device)  # processes agree on a data stop (a collective)
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             images_per_second = config.run.log_every_steps * config.train.batch_size / elapsed
             loss_value = _log_step(state, run, loss, values, images_per_second)
@@ -255,6 +256,7 @@ def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> floa
                 bar.close()
                 raise RunStopped(_stopped_message(run, state.step, path))
     bar.close()
+    data.skips.check(state.device)
     run.watch.check(run.last_good())
     return loss_sum.item() / max(steps, 1)  # host sync, once an epoch
 

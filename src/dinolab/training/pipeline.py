@@ -94,5 +94,5 @@ def build_training_data(config: Config, images: Dataset, device: torch.device) -
     length = RunLength(steps_per_epoch, config.train.epochs)
     where = config.data.root if isinstance(images, ImageFiles) else "the training data set"
     skips = SkipLog(Path(config.run.dir), where, config.data.max_bad_fraction,
-                    sampler.samples_per_process, warn=say)
+                    sampler.samples_per_process, warn=say, collective=processes > 1)
     return TrainingData(loader, sampler, length, augment, config.train.seed, skips)
