@@ -224,8 +224,7 @@ def per_view_forward(self: Any, views: list[torch.Tensor]) -> torch.Tensor:
     return self.head(torch.cat([self.backbone(view) for view in views]))
 
 
-def switch_variants(state_factory: Callable[..., TrainingState],
-                    ) -> list[tuple[str, Callable[[], contextlib.AbstractContextManager],
+def switch_variants() -> list[tuple[str, Callable[[], contextlib.AbstractContextManager],
                                     Callable[[TrainingState], None]]]:
     """(name, context, state edit): each turns one fast-path piece off."""
     from dinolab.models.multicrop import MultiCropNetwork
@@ -281,7 +280,7 @@ def model_rows(args: argparse.Namespace, batch: int) -> list[Row]:
         rows.append(measure("off: fp32 (no autocast)", "model", dinolab_step(fp32),
                             itertools.repeat(views), batch, args, device, flops))
         del fp32
-        for name, context, edit in switch_variants(build_state):
+        for name, context, edit in switch_variants():
             variant = build_state(config)
             edit(variant)
             with context():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,15 +57,24 @@ def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
     ]
 
 
+@contextlib.contextmanager
+def global_torch_state_kept() -> Iterator[None]:
+    """Put back what train() changes globally: the deterministic-algorithms switch and the RNG,
+    so that a test training in-process leaves the next tests as it found them."""
+    deterministic, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_rng_state(rng)
+
+
 def train_tiny_run(root: Path, *extra: str) -> Path:
-    """Train the tiny config for 2 steps an epoch under ``root`` -> the run folder. The global
-    RNG and the deterministic-algorithms switch, which training sets, are put back after."""
+    """Train the tiny config for 2 steps an epoch under ``root`` -> the run folder."""
     from dinolab.config import load_config
     from dinolab.training.loop import train
 
-    deterministic, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
     overrides = tiny_overrides(make_fashion_mnist(root / "fashion"), root / "run")
-    train(load_config(None, [*overrides, "train.limit_steps_per_epoch=2", *extra]))
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_rng_state(rng)
+    with global_torch_state_kept():
+        train(load_config(None, [*overrides, "train.limit_steps_per_epoch=2", *extra]))
     return root / "run"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import make_fashion_mnist, tiny_overrides
+from conftest import global_torch_state_kept, make_fashion_mnist, tiny_overrides
 
 from dinolab.cli import main
 from dinolab.config import load_config, to_yaml
@@ -173,9 +173,6 @@ def run_main(capsys: pytest.CaptureFixture[str]):
     """``dinolab.cli.main`` in this process (a subprocess would spend seconds importing torch)
     -> CompletedProcess; argparse's exit is a status too. Restores the global torch state that
     train() sets."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    rng = torch.get_rng_state()
-
     def run(arguments: list[str]) -> subprocess.CompletedProcess[str]:
         capsys.readouterr()
         try:
@@ -185,9 +182,8 @@ def run_main(capsys: pytest.CaptureFixture[str]):
         captured = capsys.readouterr()
         return subprocess.CompletedProcess(arguments, status, captured.out, captured.err)
 
-    yield run
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_rng_state(rng)
+    with global_torch_state_kept():
+        yield run
 
 
 @pytest.mark.parametrize(("base", "overrides", "message", "setup"),

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_fashion_mnist, tiny_overrides
+from conftest import global_torch_state_kept, make_fashion_mnist, tiny_overrides
 
 from dinolab.cli import EXIT_NON_FINITE, EXIT_SAVE_FAILED, EXIT_STOPPED, main
 from dinolab.training.checkpoint import LATEST, step_files
@@ -194,17 +194,14 @@ def test_a_signal_to_the_whole_job_with_loader_workers_saves_and_resumes(
 @pytest.fixture
 def run_main(capsys: pytest.CaptureFixture[str]):
     """dinolab.cli.main in this process -> (status, stdout, stderr); torch's global state kept."""
-    deterministic, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
-
     def run(arguments: list[str]) -> tuple[int, str, str]:
         capsys.readouterr()
         status = main(["train", *arguments])
         captured = capsys.readouterr()
         return status, captured.out, captured.err
 
-    yield run
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_rng_state(rng)
+    with global_torch_state_kept():
+        yield run
 
 
 def in_process_arguments(data_root: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import global_torch_state_kept, tiny_overrides
 from PIL import Image
 
 from dinolab.cli import main
@@ -122,11 +122,10 @@ def test_a_folder_with_bad_files_trains_to_completion(tmp_path: Path,
 def test_a_folder_of_only_bad_files_stops_with_exit_status_2(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]):
     _write_bad_files(tmp_path / "data")
-    deterministic = torch.are_deterministic_algorithms_enabled()
     overrides = [item for item in tiny_overrides(tmp_path / "data", tmp_path / "run")
                  if not item.startswith("data.source")]
-    status = main(["train", *overrides, "data.source=folder", "train.batch_size=2"])
-    torch.use_deterministic_algorithms(deterministic)
+    with global_torch_state_kept():
+        status = main(["train", *overrides, "data.source=folder", "train.batch_size=2"])
     error = capsys.readouterr().err
     assert status == 2
     assert error.count("\n") == 1 and "no file in" in error and "decodes as an image" in error

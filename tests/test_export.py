@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import make_fashion_mnist, tiny_overrides, train_tiny_run
+from conftest import global_torch_state_kept, make_fashion_mnist, tiny_overrides, train_tiny_run
 from safetensors.torch import save_file
 
 import dinolab
@@ -176,10 +176,8 @@ def test_authors_checkpoint_of_another_architecture_exits_2(run_dir: Path, tmp_p
                  "model.backbone_kwargs={depth: 2, embed_dim: 32, num_heads: 2}",
                  f"model.weights={path}"]
     make_fashion_mnist(tmp_path / "fashion")
-    deterministic, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
-    status = main(["train", *overrides])
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_rng_state(rng)
+    with global_torch_state_kept():
+        status = main(["train", *overrides])
     lines = capsys.readouterr().err.splitlines()
     assert status == 2
     assert len(lines) == 1 and "model.weights" in lines[0] and "does not fit" in lines[0], lines

@@ -67,9 +67,9 @@ def _assert_same(actual: tuple[list[float], list[torch.Tensor]],
     assert (got - want).abs().max() <= 2 * STEPS * VALUES.lr
 
 
-@pytest.mark.parametrize("index", range(len(throughput.switch_variants(build_state))))
+@pytest.mark.parametrize("index", range(len(throughput.switch_variants())))
 def test_switching_a_piece_off_gives_the_same_steps(index: int, reference) -> None:
-    name, context, edit = throughput.switch_variants(build_state)[index]
+    name, context, edit = throughput.switch_variants()[index]
     state = _state()
     edit(state)
     with context():

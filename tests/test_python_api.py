@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import tiny_overrides
+from conftest import global_torch_state_kept, tiny_overrides
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -36,12 +35,10 @@ class Quadrants(Dataset):
 
 @pytest.mark.parametrize("labelled", [True, False])
 def test_a_labelled_dataset_feeds_the_knn_monitor(tmp_path: Path, labelled: bool) -> None:
-    deterministic, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
     overrides = tiny_overrides(tmp_path / "unused", tmp_path / "run")
-    result = train(load_config(None, [*overrides, "train.epochs=1"]),
-                   dataset=Quadrants(labelled))
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_rng_state(rng)
+    with global_torch_state_kept():
+        result = train(load_config(None, [*overrides, "train.epochs=1"]),
+                       dataset=Quadrants(labelled))
     assert result.epochs_done == 1
     if labelled:  # a fixed 10% held out: 6 test images, so top-1 is a multiple of 1/6
         for accuracy in (result.knn_start, result.knn_end):

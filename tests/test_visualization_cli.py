@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import make_fashion_mnist, tiny_overrides
+from conftest import global_torch_state_kept, make_fashion_mnist, tiny_overrides
 from PIL import Image
 
 from dinolab.cli import main
@@ -32,16 +31,13 @@ def _train(data_root: Path, run_dir: Path, extra: list[str], cnn: bool = False) 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A one-block ViT run (TensorBoard on) and a CNN run, two steps each (about a second)."""
-    deterministic, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
     folder = tmp_path_factory.mktemp("runs")
     data_root = make_fashion_mnist(folder / "fashion")
-    made = {
-        "vit": _train(data_root, folder / "vit", ["run.tensorboard=true"]),
-        "cnn": _train(data_root, folder / "cnn", ["model.backbone=test_resnet"], cnn=True),
-    }
-    torch.use_deterministic_algorithms(deterministic)
-    torch.set_rng_state(rng)
-    return made
+    with global_torch_state_kept():
+        return {
+            "vit": _train(data_root, folder / "vit", ["run.tensorboard=true"]),
+            "cnn": _train(data_root, folder / "cnn", ["model.backbone=test_resnet"], cnn=True),
+        }
 
 
 @pytest.fixture

@@ -54,10 +54,6 @@ class ViewParameters:
         fields = self.__dataclass_fields__
         return ViewParameters(*(getattr(self, name)[start:stop] for name in fields))
 
-    def to(self, device: torch.device) -> ViewParameters:
-        return ViewParameters(*(getattr(self, name).to(device, non_blocking=True)
-                                for name in self.__dataclass_fields__))
-
 
 def _uniform(low: float, high: float, shape: tuple[int, ...], generator: torch.Generator,
              ) -> torch.Tensor:
@@ -159,18 +155,20 @@ class BatchedMultiCrop:
         """
         batch, device = images.shape[0], images.device
         count = parameters.flip.shape[0]
-        on_device = parameters.to(device)
-        top, left, height, width = on_device.boxes.unbind(1)
+        # Only the numbers the kernels read go to the device; the masks stay on the CPU.
+        crops, factors, sigma = (tensor.to(device, non_blocking=True) for tensor in (
+            parameters.boxes, parameters.factors, parameters.sigma))
+        top, left, height, width = crops.unbind(1)
         image_index = torch.arange(count, device=device).remainder(batch).float()
         boxes = torch.stack([image_index, left, top, left + width, top + height], dim=1)
         views = roi_align(images, boxes, (size, size), sampling_ratio=0, aligned=True)
         views = _masked(views, parameters.flip, lambda x, rows: x.flip(-1))
-        views = color_jitter(views, parameters, on_device.factors)
+        views = color_jitter(views, parameters, factors)
         if views.shape[1] == 3:  # grayscale is the identity on one-channel images
             views = _masked(views, parameters.grayscale,
                             lambda x, rows: grayscale(x).expand_as(x))
         views = _masked(views, parameters.blur, lambda x, rows: gaussian_blur(
-            x, on_device.sigma[rows], max(self.config.blur_sigma)))
+            x, sigma[rows], max(self.config.blur_sigma)))
         return _masked(views, parameters.solarize, lambda x, rows: torch.where(
             x >= _SOLARIZE_THRESHOLD, 1 - x, x))
 

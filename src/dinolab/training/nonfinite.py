@@ -37,10 +37,12 @@ class FiniteWatch:
 
     def observe(self, step: int, loss: torch.Tensor, gradients_finite: torch.Tensor | None,
                 ) -> None:
-        """After optimizer step ``step``: a few scalar kernels, no host sync."""
-        gradients_ok = gradients_finite if gradients_finite is not None else torch.ones(
-            (), dtype=torch.bool, device=self.device)
-        bad = ~(torch.isfinite(loss) & gradients_ok) & (self.first_bad_step < 0)
+        """After optimizer step ``step``: a few scalar kernels, no host sync.
+        ``gradients_finite`` None: not judged (fp16, where the scaler skips overflows)."""
+        finite = torch.isfinite(loss)
+        if gradients_finite is not None:
+            finite = finite & gradients_finite
+        bad = ~finite & (self.first_bad_step < 0)
         self.first_bad_step.masked_fill_(bad, step)
         self.loss_at_bad_step = torch.where(bad, loss.detach().float(), self.loss_at_bad_step)
 

@@ -72,7 +72,7 @@ def train_step(state: TrainingState, micro_batches: list[list[torch.Tensor]],
     if state.config.optim.clip_grad > 0:
         norms = clip_gradients_per_tensor(state.student_parameters, state.config.optim.clip_grad)
     if scaler:  # fp16: an overflowing step is the scaler's to skip, not an error
-        state.gradients_finite = all_finite([], state.device)
+        state.gradients_finite = None
     else:  # on the device; the loop reads it at log steps (training/nonfinite.py)
         state.gradients_finite = all_finite(
             norms if norms is not None else gradient_norms(state.student_parameters),
