@@ -85,7 +85,7 @@ def run_steps(config: Config, rank: int, world: int, accumulation: int) -> dict[
 
 
 def worker(mode: str, out_dir: Path, data_root: Path | None) -> None:
-    from dinolab.distributed import init_distributed, rank, shutdown, world_size
+    from dinolab.distributed import barrier, init_distributed, rank, shutdown, world_size
 
     torch.set_num_threads(1)  # 2 processes on 2 cores
     init_distributed(torch.device("cpu"))
@@ -140,6 +140,9 @@ def worker(mode: str, out_dir: Path, data_root: Path | None) -> None:
         except DataError as error:
             outcome = str(error)
         torch.save({"outcome": outcome}, out_dir / f"rank{me}.pt")
+    # Every rank done before any tears the group down: a rank that exits while its peer still
+    # holds the gloo connection can make the peer's transport thread abort (seen once in CI).
+    barrier()
     shutdown()
 
 
