@@ -85,12 +85,15 @@ def run_steps(config: Config, rank: int, world: int, accumulation: int) -> dict[
 
 
 def worker(mode: str, out_dir: Path, data_root: Path | None) -> None:
-    from dinolab.distributed import barrier, init_distributed, rank, shutdown, world_size
+    import torch.distributed as dist
+
+    from dinolab.distributed import init_distributed, shutdown, world_size
 
     torch.set_num_threads(1)  # 2 processes on 2 cores
-    init_distributed(torch.device("cpu"))
-    assert world_size() == WORLD
-    me = rank()
+    me = int(os.environ["RANK"])
+    if mode != "train-creates-group":  # the caller (this worker) makes the group
+        assert init_distributed(torch.device("cpu"))
+        assert world_size() == WORLD
     if mode == "steps":
         from dinolab.training.state import build_state
 
@@ -116,7 +119,19 @@ def worker(mode: str, out_dir: Path, data_root: Path | None) -> None:
         loop.save_checkpoint = recording_save  # type: ignore[assignment]
         assert data_root is not None
         result = loop.train(load_config(None, train_overrides(data_root, out_dir / "run")))
-        torch.save({"saves": saved_by_me, "epochs_done": result.epochs_done},
+        total = torch.ones(())
+        if dist.is_initialized():  # train left the worker's group alive: it still works
+            dist.all_reduce(total)
+        torch.save({"saves": saved_by_me, "epochs_done": result.epochs_done,
+                    "group_kept": dist.is_initialized(), "all_reduce": total},
+                   out_dir / f"rank{me}.pt")
+    elif mode == "train-creates-group":
+        from dinolab.training import loop
+
+        assert data_root is not None and not dist.is_initialized()
+        overrides = train_overrides(data_root, out_dir / "run") + ["train.limit_steps_per_epoch=2"]
+        result = loop.train(load_config(None, overrides))
+        torch.save({"epochs_done": result.epochs_done, "group_kept": dist.is_initialized()},
                    out_dir / f"rank{me}.pt")
     elif mode == "bad-files":
         from dinolab.data import skipping
@@ -140,10 +155,7 @@ def worker(mode: str, out_dir: Path, data_root: Path | None) -> None:
         except DataError as error:
             outcome = str(error)
         torch.save({"outcome": outcome}, out_dir / f"rank{me}.pt")
-    # Every rank done before any tears the group down: a rank that exits while its peer still
-    # holds the gloo connection can make the peer's transport thread abort (seen once in CI).
-    barrier()
-    shutdown()
+    shutdown()  # after a barrier: see its docstring (a no-op where train destroyed the group)
 
 
 # --- the tests ------------------------------------------------------------------------------
@@ -281,6 +293,26 @@ def test_train_under_two_processes_equals_one_process(
     assert_networks_close(two["student"], one["student"], "student", TOLERANCE, key_bias)
     assert_networks_close(two["teacher"], one["teacher"], "teacher", TOLERANCE, key_bias)
     torch.testing.assert_close(two["loss"]["center"], one["loss"]["center"], **TOLERANCE)
+
+
+@pytest.mark.slow
+def test_train_leaves_a_process_group_it_did_not_create(
+        two_process_run: tuple[Path, list[dict[str, Any]]]) -> None:
+    """A user who calls dist.init_process_group before dinolab.train still owns the group."""
+    _, ranks = two_process_run
+    assert [rank["group_kept"] for rank in ranks] == [True, True]
+    assert [rank["all_reduce"].item() for rank in ranks] == [WORLD, WORLD]
+
+
+@pytest.mark.slow
+def test_train_destroys_the_process_group_it_created(tmp_path: Path) -> None:
+    """Under torchrun with no group made before, train makes one and destroys it before it
+    returns, so that no process exits with a live group (gloo and NCCL may abort then)."""
+    out_dir = tmp_path / "out"
+    ranks = launch("train-creates-group", out_dir, make_fashion_mnist(tmp_path / "fashion"))
+    assert [rank["epochs_done"] for rank in ranks] == [1, 1]
+    assert f"{WORLD} process(es)" in (out_dir / "rank0.log").read_text()  # trained as a group
+    assert [rank["group_kept"] for rank in ranks] == [False, False]
 
 
 @pytest.mark.slow

@@ -13,18 +13,35 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device) -> bool:
+    """Create torchrun's process group -> whether this call created it.
+
+    A group that already exists (a caller's ``dist.init_process_group``) is used as it is and
+    stays its owner's to destroy; a plain ``python`` process has none to create.
+    """
     if "RANK" not in os.environ or dist.is_initialized():
-        return
+        return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend)
+    return True
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(wait_for_others: bool = True) -> None:
+    """Destroy the process group (a no-op without one), so that no process exits with a live
+    one: NCCL and gloo may warn or abort when the interpreter tears it down at exit.
+
+    ``wait_for_others`` meets every process at a barrier first, so that none closes its
+    connections while a peer still uses them (gloo's transport thread can abort that peer). Pass
+    False where the other processes may not come: after an error on this process they are
+    elsewhere, and the barrier would wait for them until the collective timeout.
+    """
+    if not dist.is_initialized():
+        return
+    if wait_for_others:
+        dist.barrier()  # a collective
+    dist.destroy_process_group()
 
 
 def world_size() -> int:

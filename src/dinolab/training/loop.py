@@ -22,6 +22,7 @@ from dinolab.distributed import (
     init_distributed,
     is_main_process,
     rank,
+    shutdown,
     world_size,
 )
 from dinolab.evaluation.features import extract_features, fixed_subset
@@ -312,9 +313,26 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
     """Run (or resume) DINO pre-training as configured; ``dataset`` replaces data.source.
 
     ``dataset`` may return a PIL image or (PIL image, label); labels are never used in training.
+    Under torchrun the process group is created here unless the caller made one; a group made
+    here is destroyed before train returns or raises, and a caller's is left to the caller.
     """
     started = time.perf_counter()
-    init_distributed(resolve_device(config.train.device))
+    created_group = init_distributed(resolve_device(config.train.device))
+    every_process_ends_here = False
+    try:
+        result = _train(config, dataset, started)
+        every_process_ends_here = True
+        return result
+    except RunStopped:
+        every_process_ends_here = True  # the processes agreed on the stop (preemption.py)
+        raise
+    finally:
+        if created_group:  # no barrier after an error: the other processes may not come
+            shutdown(wait_for_others=every_process_ends_here)
+
+
+def _train(config: Config, dataset: Dataset | None, started: float) -> TrainResult:
+    """train() once the process group (if any) is up."""
     seed_everything(config)
     sources = _training_sources(config, dataset)
     num_images = len(sources.train)  # type: ignore[arg-type]
