@@ -161,6 +161,38 @@ def test_gif_reads_its_first_frame(tmp_path: Path) -> None:
     assert image.getpixel((0, 0)) == (255, 0, 0)
 
 
+def _write_sideways_photo(path: Path) -> Path:
+    """A phone's portrait photo as stored: the sensor's 32x16 (W x H) pixels, dark on the left,
+    and EXIF Orientation 6 (rotate 90 degrees clockwise to view: 16x32, dark on top)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((16, 32, 3), 230, np.uint8)
+    pixels[:, :16] = 20
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    return path
+
+
+def test_photos_are_decoded_upright_on_every_path(tmp_path: Path) -> None:
+    """Training (pil and batched views both read through read_or_replace), evaluation (the
+    Dataset's items) and the attention and feature maps (read_images) see the photo upright."""
+    from dinolab.data.loader import DecodedImages
+    from dinolab.data.skipping import read_or_replace
+    from dinolab.visualization.images import read_images
+
+    path = _write_sideways_photo(tmp_path / "photos" / "portrait.jpg")
+    files = build_sources(DataConfig(source="folder", root=str(tmp_path / "photos"))).train
+    training, _ = read_or_replace(files, 0, seed=0)
+    evaluation, _ = files[0]
+    batched, _ = DecodedImages(files)[(0, 0)]
+    assert training is not None and batched is not None
+    for image in (training, evaluation, read_images([path])[0]):
+        assert image.size == (16, 32)
+        pixels = np.asarray(image.convert("L"), dtype=np.float64)
+        assert pixels[:16].mean() < 40 and pixels[16:].mean() > 210  # the dark half on top
+    assert batched.shape == (3, 32, 16)
+
+
 @pytest.mark.parametrize("make", ["missing", "empty", "only_other_files", "none_decodes"])
 def test_unusable_folders_stop_with_one_line(tmp_path: Path, make: str) -> None:
     root = tmp_path / "photos"

@@ -1,10 +1,11 @@
 """Images as the rest of dinolab sees them: decoded, in RGB or 8-bit grayscale, with a label.
 
 Every source yields (PIL image, label), label UNLABELLED where none is known. Files of any
-common format and mode are decoded to one of two modes: "L" stays single-channel (the
-multi-crop transform broadcasts it to three channels only at the end), everything else becomes
-"RGB". A file that cannot be decoded raises ``UnreadableImage``, which training catches and
-replaces (data/skipping.py); a whole source that cannot feed a run raises ``DataError``.
+common format and mode are decoded upright (their EXIF orientation applied) to one of two
+modes: "L" stays single-channel (the multi-crop transform broadcasts it to three channels only
+at the end), everything else becomes "RGB". A file that cannot be decoded raises
+``UnreadableImage``, which training catches and replaces (data/skipping.py); a whole source
+that cannot feed a run raises ``DataError``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from dinolab.config import ConfigError
@@ -76,10 +77,16 @@ def rgb_or_gray(image: Image.Image) -> Image.Image:
 
 
 def decode_image(path: Path) -> Image.Image:
-    """Read and fully decode one file -> an "L" or "RGB" image, or raise UnreadableImage."""
+    """Read and fully decode one file -> an upright "L" or "RGB" image, or raise UnreadableImage.
+
+    Upright: the EXIF Orientation tag is applied, as image viewers do. Phone cameras store the
+    sensor's pixels and record the rotation in the tag, so without it their portrait photos
+    reach training and evaluation lying on their side.
+    """
     try:
         with Image.open(path) as image:
             image.load()  # decode now: a truncated file fails here, not in a worker's crop
+            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is no rotation
             return rgb_or_gray(image)
     except DECODE_ERRORS as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from dinolab.config import Config, ConfigError, DataConfig
+from dinolab.data.images import UnreadableImage, decode_image
 from dinolab.data.transforms import EvalTransform
 
 DISPLAY_SIDE = 224  # pictures are enlarged towards this side for viewing
@@ -66,16 +67,16 @@ def input_transform(backbone: nn.Module, config: Config | None, size: int | None
 
 
 def read_images(paths: Sequence[str | Path]) -> list[Image.Image]:
-    """Open every image file, or fail with one line naming the first that is not one."""
+    """Decode every image file as training and evaluation do (upright, by its EXIF
+    orientation), or fail with one line naming the first that is not one."""
     images = []
     for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: no such image file")
         try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (FileNotFoundError, IsADirectoryError):
-            raise ConfigError(f"{path}: no such image file") from None
-        except (UnidentifiedImageError, OSError) as error:
-            raise ConfigError(f"{path}: not an image ({error})") from None
+            images.append(decode_image(Path(path)).convert("RGB"))
+        except UnreadableImage as error:
+            raise ConfigError(f"{path}: not an image ({error.reason})") from None
     return images
 
 
