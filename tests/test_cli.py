@@ -280,6 +280,7 @@ def test_tiny_training_run(tmp_path: Path, fashion_root: Path) -> None:
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert len(epochs) == 1 and epochs[0]["epoch"] == 1 and epochs[0]["step"] == steps_per_epoch
     assert math.isfinite(epochs[0]["loss"])
+    assert epochs[0]["skipped"] == 0 and not any("skipped" in r for r in train_records)
     assert f"{epochs[0]['knn_top1']:.1f}" == f"{knn_values[-1]:.1f}"  # console = metrics
     assert [r["step"] for r in records if r["kind"] == "knn"] == [0]
 

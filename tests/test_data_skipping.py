@@ -6,6 +6,7 @@ JPEG cut in half, an empty file, a text file named .png.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,15 @@ def test_a_folder_with_bad_files_trains_to_completion(tmp_path: Path,
     assert listed == bad
     output = capsys.readouterr().out
     assert "warning: skipped" in output and "skipped so far" in output
+    # metrics.jsonl counts the skips so far: at each epoch's end, and at the log steps (2 and 4,
+    # the last step of each epoch) once there are any
+    records = [json.loads(line) for line in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, second = (r["skipped"] for r in records if r["kind"] == "epoch")
+    assert {r["step"]: r["skipped"] for r in records if r["kind"] == "train"} == {2: first,
+                                                                                   4: second}
+    assert first >= len(bad) and second >= first + len(bad)  # every epoch reads each bad file
+    assert second == output.count("warning: skipped ")  # one warning per skip, up to 10
 
 
 def test_a_folder_of_only_bad_files_stops_with_exit_status_2(tmp_path: Path,

@@ -81,6 +81,16 @@ def run_steps(config: Config, rank: int, world: int, accumulation: int) -> dict[
             "teacher": state.teacher.state_dict(), "center": state.loss.center.clone()}
 
 
+def skipped_on_all_processes(run_dir: Path, skipped_here: int) -> int:
+    """What metrics.jsonl records when this process skipped ``skipped_here`` samples."""
+    from dinolab.data.skipping import SkipLog
+
+    run_dir.mkdir()
+    log = SkipLog(run_dir, "photos", 1.0, 1, warn=lambda line: None, collective=True)
+    log.record(8, [("photos/broken.jpg", "truncated")] * skipped_here)
+    return log.check(torch.device("cpu"))
+
+
 # --- the worker (one process of a 2-process group) ------------------------------------------
 
 
@@ -105,6 +115,7 @@ def worker(mode: str, out_dir: Path, data_root: Path | None) -> None:
         state = build_state(config)
         result["rank_seeded"] = {"student": state.student_module.state_dict(),
                                  "teacher": state.teacher.state_dict()}
+        result["skipped_total"] = skipped_on_all_processes(out_dir / f"skips{me}", me + 1)
         torch.save(result, out_dir / f"rank{me}.pt")
     elif mode == "train":
         from dinolab.training import loop
@@ -247,6 +258,12 @@ def test_teacher_starts_as_the_student_on_every_rank(ranks: list[dict[str, Any]]
     for rank in (first, second):
         assert_bitwise_equal(rank["teacher"], rank["student"], "teacher vs student")
     assert_bitwise_equal(first["teacher"], second["teacher"], "teacher")
+
+
+@pytest.mark.slow
+def test_the_skip_count_is_summed_over_processes(ranks: list[dict[str, Any]]) -> None:
+    """Each process counts its own skipped samples; the run's count is their sum (1 + 2)."""
+    assert [rank["skipped_total"] for rank in ranks] == [3, 3]
 
 
 # --- a full run under 2 processes -----------------------------------------------------------

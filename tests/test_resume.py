@@ -91,13 +91,13 @@ def interrupted_then_resumed(config: Config, monkeypatch: pytest.MonkeyPatch,
     run_epoch = loop.run_epoch
     epochs_run: list[int] = []
 
-    def stop_at_second_epoch(state: Any, *args: Any) -> float:
+    def stop_at_second_epoch(state: Any, *args: Any) -> loop.EpochResult:
         if state.epoch == 1:  # the epoch-1 checkpoint is written; the process "dies" here
             raise Interrupted
         epochs_run.append(state.epoch)
         return run_epoch(state, *args)
 
-    def record(state: Any, *args: Any) -> float:
+    def record(state: Any, *args: Any) -> loop.EpochResult:
         epochs_run.append(state.epoch)
         return run_epoch(state, *args)
 

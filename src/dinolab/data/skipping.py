@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from dinolab.data.images import DECODE_ERRORS, DataError, ImageFiles, UnreadableImage, rgb_or_gray
-from dinolab.distributed import any_process
+from dinolab.distributed import sum_over_processes
 
 SKIPPED_FILES = "skipped_files.txt"
 MAX_TRIES = 100  # replacements per sample before its batch is given up (DataError)
@@ -116,16 +116,19 @@ class SkipLog:
             if not self.collective:
                 raise self.error
 
-    def check(self, device: torch.device) -> None:
-        """Raise the DataError of any process, on every process (a collective when there are
-        several; call it at the same step everywhere)."""
+    def check(self, device: torch.device) -> int:
+        """Raise the DataError of any process, on every process; -> the samples skipped so far
+        by all processes together (what metrics.jsonl records). A collective when there are
+        several: call it at the same step everywhere."""
         if not self.collective:
-            return
-        (anywhere,) = any_process([self.error is not None], device)
-        if anywhere:
+            return self.failed
+        errors, failed = sum_over_processes([float(self.error is not None), float(self.failed)],
+                                            device)
+        if errors:
             raise self.error or DataError(
                 f"another process stopped the run: too many samples failed to decode in "
                 f"{self.where}; its warnings name them, and they are listed in {self.path}")
+        return int(failed)
 
     def _list(self, where: str, reason: str) -> None:
         if len(self.examples) < 3 and where not in (known for known, _ in self.examples):

@@ -8,6 +8,7 @@ from dinolab.distributed.env import (
     is_main_process,
     rank,
     shutdown,
+    sum_over_processes,
     world_size,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "is_main_process",
     "rank",
     "shutdown",
+    "sum_over_processes",
     "world_size",
 ]

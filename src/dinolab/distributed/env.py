@@ -81,3 +81,13 @@ def any_process(flags: list[bool], device: torch.device) -> list[bool]:
     values = torch.tensor([float(flag) for flag in flags], device=device)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(value) for value in values.tolist()]
+
+
+def sum_over_processes(values: list[float], device: torch.device) -> list[float]:
+    """Each value summed over all processes: how counts kept per process become the run's. One
+    all-reduce of len(values) numbers and a host sync; a no-op alone."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    totals = torch.tensor(values, dtype=torch.float64, device=device)  # counts stay exact
+    dist.all_reduce(totals)
+    return totals.tolist()

@@ -196,8 +196,10 @@ def save(state: TrainingState, run: RunContext, keep_epoch_copy: bool) -> Path:
 
 
 def _log_step(state: TrainingState, run: RunContext, loss: torch.Tensor, values: StepValues,
-              images_per_second: float) -> float:
-    """Metrics of a log step (host syncs: the finite check, the loss, the entropy)."""
+              images_per_second: float, skipped: int) -> float:
+    """Metrics of a log step (host syncs: the finite check, the loss, the entropy).
+
+    ``skipped``: the samples skipped so far, recorded once there are any."""
     run.watch.check(run.last_good())
     loss_value, entropy = loss.item(), state.loss.teacher_entropy.item()
     run.metrics.log("train", state.step, {
@@ -205,6 +207,7 @@ def _log_step(state: TrainingState, run: RunContext, loss: torch.Tensor, values:
         "weight_decay": values.weight_decay, "teacher_momentum": values.teacher_momentum,
         "teacher_temp": values.teacher_temp, "images_per_second": images_per_second,
         "teacher_entropy": entropy, "kl_teacher_student": loss_value - entropy,
+        **({"skipped": skipped} if skipped else {}),
     })
     warning = run.collapse.observe(state.step, loss_value, entropy)
     if warning:
@@ -212,8 +215,14 @@ def _log_step(state: TrainingState, run: RunContext, loss: torch.Tensor, values:
     return loss_value
 
 
-def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> float:
-    """Train one epoch (or its remainder after a resume) -> the epoch's mean loss.
+@dataclass(frozen=True)
+class EpochResult:
+    mean_loss: float
+    skipped: int  # samples skipped so far by all processes (counted afresh after a resume)
+
+
+def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> EpochResult:
+    """Train one epoch (or its remainder after a resume) -> its mean loss and the skip count.
 
     Mid-epoch checkpoints (the timer, a stop signal) hold the sampler position, so a resume
     from one continues with the next batch; a stop signal raises RunStopped after its save.
@@ -242,10 +251,10 @@ def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> floa
         bar.update()
         log_step = state.step % config.run.log_every_steps == 0
         if log_step:
-            data.skips.check(state.device)  # processes agree on a data stop (a collective)
+            skipped = data.skips.check(state.device)  # agree on a data stop (a collective)
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             images_per_second = config.run.log_every_steps * config.train.batch_size / elapsed
-            loss_value = _log_step(state, run, loss, values, images_per_second)
+            loss_value = _log_step(state, run, loss, values, images_per_second, skipped)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{values.lr:.2e}",
                             img_s=f"{images_per_second:.0f}", **data.progress())
         if done + steps >= length.steps_per_epoch:
@@ -257,9 +266,9 @@ def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> floa
                 bar.close()
                 raise RunStopped(_stopped_message(run, state.step, path))
     bar.close()
-    data.skips.check(state.device)
+    skipped = data.skips.check(state.device)
     run.watch.check(run.last_good())
-    return loss_sum.item() / max(steps, 1)  # host sync, once an epoch
+    return EpochResult(loss_sum.item() / max(steps, 1), skipped)  # host sync, once an epoch
 
 
 def _stopped_message(run: RunContext, step: int, path: Path) -> str:
@@ -381,13 +390,14 @@ def _train_epochs(state: TrainingState, data: TrainingData, run: RunContext, sou
     knn_label = f"k-NN top-1 (k={config.eval.knn_k})"
     for epoch in range(state.epoch, config.train.epochs):
         state.epoch = epoch
-        mean_loss = run_epoch(state, data, run)
+        result = run_epoch(state, data, run)
         state.epoch, state.samples_into_epoch = epoch + 1, 0
         keep = _due(epoch + 1, config.run.keep_every_epochs, None)
         if run.control.poll(sync_point=True).stop:
             path = save(state, run, keep)
             raise RunStopped(_stopped_message(run, state.step, path))
-        epoch_values: dict[str, Any] = {"epoch": epoch + 1, "loss": mean_loss}
+        epoch_values: dict[str, Any] = {"epoch": epoch + 1, "loss": result.mean_loss,
+                                        "skipped": result.skipped}
         if _due(epoch + 1, config.eval.knn_every_epochs, config.train.epochs):
             knn_end = knn_monitor(state, sources, eval_transform)
             log_attention_maps(run.metrics, state.teacher.backbone, sources, eval_transform,
@@ -396,7 +406,7 @@ def _train_epochs(state: TrainingState, data: TrainingData, run: RunContext, sou
                 epoch_values["knn_top1"] = knn_end
         run.metrics.log("epoch", state.step, epoch_values)
         knn_text = f", {knn_label}: {knn_end:.1f}%" if "knn_top1" in epoch_values else ""
-        say(f"epoch {epoch + 1}/{config.train.epochs}: loss {mean_loss:.4f}{knn_text}")
+        say(f"epoch {epoch + 1}/{config.train.epochs}: loss {result.mean_loss:.4f}{knn_text}")
         save(state, run, keep)
     return knn_end
 
