@@ -271,6 +271,55 @@ def test_crop_of_its_own_size_is_the_exact_pixels_and_padding_is_never_read() ->
     torch.testing.assert_close(flipped, views.flip(-1))
 
 
+def _reference_view(image: torch.Tensor, parameters: batched.ViewParameters, row: int,
+                    kernel_size: int) -> torch.Tensor:
+    """One view made with torchvision's functional operations, in the documented order."""
+    view = TF.hflip(image) if parameters.flip[row] else image
+    if parameters.jitter[row]:
+        operations = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation,
+                      TF.adjust_hue]
+        for index in parameters.order[row].tolist():
+            view = operations[index](view, float(parameters.factors[row, index]))
+    if parameters.grayscale[row] and view.shape[0] == 3:
+        view = TF.rgb_to_grayscale(view, num_output_channels=3)
+    if parameters.blur[row]:
+        sigma = float(parameters.sigma[row])
+        view = TF.gaussian_blur(view, [kernel_size, kernel_size], [sigma, sigma])
+    if parameters.solarize[row]:
+        view = TF.solarize(view, batched._SOLARIZE_THRESHOLD)
+    return view
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_apply_equals_torchvision_view_by_view(channels: int) -> None:
+    """The whole chain, with each row's own flip, jitter order and factors, grayscale, blur
+    and solarize, equals torchvision's functional operations applied view by view. Boxes of
+    the image's own size make the crop exact, so every other operation is compared alone."""
+    count, size = 48, 12
+    generator = torch.Generator().manual_seed(7)
+    images = torch.rand(count, channels, size, size, generator=generator)
+
+    def coin(probability: float) -> torch.Tensor:
+        return torch.rand(count, generator=generator) < probability
+
+    parameters = batched.ViewParameters(
+        boxes=torch.tensor([[0.0, 0.0, size, size]]).repeat(count, 1),
+        flip=coin(0.5), jitter=coin(0.8),
+        factors=torch.stack([torch.rand(count, generator=generator) * 1.6 + 0.2
+                             for _ in range(3)] + [torch.rand(count, generator=generator) - 0.5],
+                            dim=1),
+        order=torch.rand((count, 4), generator=generator).argsort(dim=1),
+        grayscale=coin(0.3), blur=coin(0.5),
+        sigma=torch.rand(count, generator=generator) * 1.9 + 0.1, solarize=coin(0.3))
+    config = DataConfig(blur_sigma=(0.1, 2.0))
+    views = batched.BatchedMultiCrop(config).apply(images, parameters, size)
+    kernel_size = 2 * min(math.ceil(3 * 2.0), size - 1) + 1
+    expected = torch.stack([_reference_view(image, parameters, row, kernel_size)
+                            for row, image in enumerate(images)])
+    assert parameters.jitter.sum() > 20 and parameters.blur.sum() > 10
+    torch.testing.assert_close(views, expected, rtol=1e-5, atol=2e-5)
+
+
 def test_views_shapes_normalisation_and_determinism() -> None:
     config = DataConfig(global_crop_size=16, local_crop_size=8, num_local_crops=2,
                         color_jitter_prob=0.0, grayscale_prob=0.0, blur_probs=(0.0, 0.0, 0.0),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch.nn import functional as F
@@ -99,8 +100,10 @@ class BatchedMultiCrop:
     def __init__(self, config: DataConfig) -> None:
         self.config = config
         self.views = view_specs(config)
-        self.mean = torch.tensor(config.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(config.std).view(1, 3, 1, 1)
+        std = torch.tensor(config.std).view(1, 3, 1, 1)
+        # normalised = view * scale + shift, per device (copied there once)
+        self._normalisation = {torch.device("cpu"): (1 / std, -torch.tensor(config.mean).view(
+            1, 3, 1, 1) / std)}
 
     def sample(self, sizes: torch.Tensor, generator: torch.Generator) -> ViewParameters:
         """Draw every view's parameters for images of ``sizes`` [B, 2] (on the CPU)."""
@@ -135,42 +138,129 @@ class BatchedMultiCrop:
                  generator: torch.Generator) -> list[torch.Tensor]:
         batch, device = images.shape[0], images.device
         parameters = self.sample(sizes.cpu(), generator)
-        images = images.float().div_(255)
-        mean, std = self.mean.to(device), self.std.to(device)
+        images = images / 255  # uint8 -> float32 in [0, 1]
+        scale, shift = self._normalisation_on(device)
         views: list[torch.Tensor] = []
         start = 0
         for size, count in _resolution_runs([spec.size for spec in self.views]):
             rows = parameters.rows(start * batch, (start + count) * batch)
             group = self.apply(images, rows, size)
-            group = ((group - mean[:, : group.shape[1]]) / std[:, : group.shape[1]])
+            channels = group.shape[1]
+            group = torch.addcmul(shift[:, :channels], group, scale[:, :channels])
             views += list(group.expand(-1, 3, -1, -1).contiguous().chunk(count))
             start += count
         return views
 
+    def _normalisation_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._normalisation:
+            scale, shift = self._normalisation[torch.device("cpu")]
+            self._normalisation[device] = (scale.to(device), shift.to(device))
+        return self._normalisation[device]
+
     def apply(self, images: torch.Tensor, parameters: ViewParameters, size: int) -> torch.Tensor:
         """images [B, C, H, W] float in [0, 1] -> N = V * B augmented views [N, C, size, size].
 
-        ``parameters`` stay on the CPU: the rows each operation touches are selected there, so
-        applying them needs no host sync.
+        ``parameters`` stay on the CPU. Everything the device needs (boxes, the rows each
+        operation touches, per-row factors and blur kernels) is worked out there and sent in
+        one copy per dtype, so applying them launches a short, fixed list of kernels and needs
+        no host sync.
         """
-        batch, device = images.shape[0], images.device
-        count = parameters.flip.shape[0]
-        # Only the numbers the kernels read go to the device; the masks stay on the CPU.
-        crops, factors, sigma = (tensor.to(device, non_blocking=True) for tensor in (
-            parameters.boxes, parameters.factors, parameters.sigma))
-        top, left, height, width = crops.unbind(1)
-        image_index = torch.arange(count, device=device).remainder(batch).float()
-        boxes = torch.stack([image_index, left, top, left + width, top + height], dim=1)
-        views = roi_align(images, boxes, (size, size), sampling_ratio=0, aligned=True)
-        views = _masked(views, parameters.flip, lambda x, rows: x.flip(-1))
-        views = color_jitter(views, parameters, factors)
-        if views.shape[1] == 3:  # grayscale is the identity on one-channel images
-            views = _masked(views, parameters.grayscale,
-                            lambda x, rows: grayscale(x).expand_as(x))
-        views = _masked(views, parameters.blur, lambda x, rows: gaussian_blur(
-            x, sigma[rows], max(self.config.blur_sigma)))
-        return _masked(views, parameters.solarize, lambda x, rows: torch.where(
+        plan = _plan(parameters, images.shape[0], images.shape[1],
+                     _blur_radius(size, max(self.config.blur_sigma)))
+        on = _to_device(plan, images.device)
+        views = roi_align(images, on["boxes"], (size, size), sampling_ratio=0, aligned=True)
+        views = _update_rows(views, on.get("flip_rows"), lambda x: x.flip(-1))
+        for position in range(4):  # colour jitter: each row's own order of the four operations
+            if f"blend_{position}" in on:
+                views = _blend(views, on[f"blend_{position}"])
+            if f"hue_rows_{position}" in on:
+                views = _update_rows(views, on[f"hue_rows_{position}"],
+                                     partial(adjust_hue, shift=on[f"hue_shift_{position}"]))
+        views = _update_rows(views, on.get("grayscale_rows"),
+                             lambda x: grayscale(x).expand_as(x))
+        views = _update_rows(views, on.get("blur_rows"),
+                             lambda x: _blur_with_kernels(x, on["blur_kernels"]))
+        return _update_rows(views, on.get("solarize_rows"), lambda x: torch.where(
             x >= _SOLARIZE_THRESHOLD, 1 - x, x))
+
+
+def _plan(parameters: ViewParameters, batch: int, channels: int,
+          blur_radius: int) -> dict[str, torch.Tensor]:
+    """The CPU-side work of ``apply``: per operation, the rows it touches and their numbers.
+
+    Brightness, contrast and saturation are one blend each, ``lerp(other, x, factor)`` with
+    ``other`` = 0, the mean luma or the luma; a jitter position applies all three at once with
+    per-row (factor, luma weight, mean-luma weight), and factor 1 (an exact identity for
+    ``lerp``) on the other rows. Hue (an HSV round trip) runs on its own rows only. A key is
+    left out when no row needs the operation.
+    """
+    count = parameters.flip.shape[0]
+    top, left, height, width = parameters.boxes.unbind(1)
+    image_index = torch.arange(count).remainder(batch).float()
+    plan = {"boxes": torch.stack([image_index, left, top, left + width, top + height], dim=1)}
+    colour = channels == 3  # saturation and hue are identities on one-channel images
+
+    def rows(name: str, mask: torch.Tensor) -> torch.Tensor:
+        index = mask.nonzero()[:, 0]
+        if index.numel():
+            plan[name] = index
+        return index
+
+    rows("flip_rows", parameters.flip)
+    for position in range(4):
+        operation = torch.where(parameters.jitter, parameters.order[:, position], -1)
+        blend = torch.zeros(count, 3)
+        blend[:, 0] = 1.0
+        for index in (0, 1, 2) if colour else (0, 1):
+            chosen = operation == index
+            blend[chosen, 0] = parameters.factors[chosen, index]
+            if index > 0:  # contrast blends with the mean luma, saturation with the luma
+                blend[chosen, 3 - index] = 1.0
+        if (blend[:, 0] != 1).any():
+            plan[f"blend_{position}"] = blend
+        if colour and rows(f"hue_rows_{position}", operation == 3).numel():
+            plan[f"hue_shift_{position}"] = parameters.factors[operation == 3, 3]
+    if channels == 3:  # grayscale is the identity on one-channel images
+        rows("grayscale_rows", parameters.grayscale)
+    blurred = rows("blur_rows", parameters.blur)
+    if blurred.numel():
+        plan["blur_kernels"] = gaussian_kernels(parameters.sigma[blurred], blur_radius)
+    rows("solarize_rows", parameters.solarize)
+    return plan
+
+
+def _to_device(plan: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Send ``plan`` to ``device`` in one copy per dtype (pinned and asynchronous on CUDA)."""
+    if device.type == "cpu":
+        return plan
+    placed: dict[str, torch.Tensor] = {}
+    for dtype in {tensor.dtype for tensor in plan.values()}:
+        names = [name for name, tensor in plan.items() if tensor.dtype == dtype]
+        flat = torch.cat([plan[name].reshape(-1) for name in names])
+        if device.type == "cuda":
+            flat = flat.pin_memory()
+        pieces = flat.to(device, non_blocking=True).split([plan[name].numel() for name in names])
+        placed.update({name: piece.view(plan[name].shape)
+                       for name, piece in zip(names, pieces, strict=True)})
+    return placed
+
+
+def _update_rows(views: torch.Tensor, rows: torch.Tensor | None,
+                 operation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply ``operation`` to the ``rows`` of ``views`` in place (a working buffer this module
+    owns); ``None``: no row needs it."""
+    if rows is None:
+        return views
+    return views.index_copy_(0, rows, operation(views.index_select(0, rows)))
+
+
+def _blend(views: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
+    """One jitter position's brightness, contrast and saturation: ``blend`` [N, 3] holds each
+    row's (factor, luma weight, mean-luma weight); torchvision's ``_blend`` formula."""
+    factor, luma_weight, mean_weight = (column[:, None, None, None] for column in blend.unbind(1))
+    luma = grayscale(views) if views.shape[1] == 3 else views
+    other = torch.addcmul(mean_weight * luma.mean(dim=(1, 2, 3), keepdim=True), luma_weight, luma)
+    return torch.lerp(other, views, factor).clamp_(0, 1)
 
 
 def _resolution_runs(sizes: list[int]) -> list[tuple[int, int]]:
@@ -184,17 +274,6 @@ def _resolution_runs(sizes: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _masked(views: torch.Tensor, mask: torch.Tensor,
-            operation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Apply ``operation(selected_rows, row_indices)`` in place where the CPU ``mask`` [N] is
-    set (``views`` is a working buffer that this module owns)."""
-    rows = mask.nonzero()[:, 0]
-    if rows.numel() == 0:
-        return views
-    rows = rows.to(views.device, non_blocking=True)
-    return views.index_copy_(0, rows, operation(views.index_select(0, rows), rows))
-
-
 def grayscale(views: torch.Tensor) -> torch.Tensor:
     """[N, 3, H, W] -> [N, 1, H, W] luma."""
     red, green, blue = views.unbind(1)
@@ -202,7 +281,7 @@ def grayscale(views: torch.Tensor) -> torch.Tensor:
     return (weights[0] * red + weights[1] * green + weights[2] * blue).unsqueeze(1)
 
 
-def _blend(views: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _mix(views: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     factor = factor[:, None, None, None]
     return (factor * views + (1 - factor) * other).clamp_(0, 1)
 
@@ -213,85 +292,69 @@ def adjust_brightness(views: torch.Tensor, factor: torch.Tensor) -> torch.Tensor
 
 def adjust_contrast(views: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     luma = grayscale(views) if views.shape[1] == 3 else views
-    return _blend(views, luma.mean(dim=(1, 2, 3), keepdim=True), factor)
+    return _mix(views, luma.mean(dim=(1, 2, 3), keepdim=True), factor)
 
 
 def adjust_saturation(views: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(views, grayscale(views), factor)
+    return _mix(views, grayscale(views), factor)
 
 
 def adjust_hue(views: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of [N, 3, H, W] by ``shift`` [N] turns (RGB -> HSV -> RGB)."""
-    maximum, _ = views.max(dim=1)
-    minimum, _ = views.min(dim=1)
-    chroma = maximum - minimum
-    safe_chroma = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
-    saturation = chroma / torch.where(maximum == 0, torch.ones_like(maximum), maximum)
-    red, green, blue = views.unbind(1)
-    hue_r = (maximum - red) / safe_chroma
-    hue_g = (maximum - green) / safe_chroma
-    hue_b = (maximum - blue) / safe_chroma
-    hue = torch.where(maximum == red, hue_b - hue_g,
-                      torch.where(maximum == green, 2.0 + hue_r - hue_b, 4.0 + hue_g - hue_r))
-    hue = torch.where(chroma == 0, torch.zeros_like(hue), hue)
-    hue = (hue / 6.0 + 1.0).remainder(1.0)
-    hue = (hue + shift[:, None, None]).remainder(1.0)
-    return _hsv_to_rgb(hue, saturation, maximum)
+    """Rotate the hue of [N, 3, H, W] by ``shift`` [N] turns: RGB -> HSV -> RGB as torchvision,
+    with the closed form of the way back (channel = V - V S clamp(min(k, 4 - k), 0, 1) with
+    k = (5, 3 or 1 for R, G, B) + 6 H, mod 6): a few whole-tensor kernels, no gather over six
+    cases.
+    """
+    value, brightest = views.max(dim=1, keepdim=True)
+    chroma = value - views.amin(dim=1, keepdim=True)
+    gray = chroma == 0
+    # Hue in sixths: for the brightest channel c, 2c + (next channel - the one after) / chroma.
+    # On ties the first brightest channel is taken; the formulas agree there.
+    difference = views.roll(-1, dims=1) - views.roll(-2, dims=1)
+    sixths = difference.gather(1, brightest) / torch.where(gray, 1.0, chroma) + 2 * brightest
+    hue = torch.where(gray, 0.0, sixths / 6).add_(1).remainder_(1)
+    hue = hue.add_(shift[:, None, None, None]).remainder_(1)
+    sectors = torch.arange(5, 0, -2, device=views.device, dtype=views.dtype)  # 5, 3, 1
+    k = torch.add(sectors[None, :, None, None], hue, alpha=6).remainder_(6)
+    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
+    return torch.addcmul(value, chroma, ramp, value=-1).clamp_(0, 1)  # chroma = S * V
 
 
-def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    sector = torch.floor(hue * 6.0)
-    fraction = hue * 6.0 - sector
-    sector = sector.long().remainder(6)
-    p = (value * (1 - saturation)).clamp(0, 1)
-    q = (value * (1 - saturation * fraction)).clamp(0, 1)
-    t = (value * (1 - saturation * (1 - fraction))).clamp(0, 1)
-    # Per sector 0..5: (r, g, b) = (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q)
-    choices = torch.stack([value, q, p, p, t, value,
-                           t, value, value, q, p, p,
-                           p, p, t, value, value, q]).view(3, 6, *hue.shape)
-    index = sector.unsqueeze(0).unsqueeze(0).expand(3, 1, *hue.shape)
-    return choices.gather(1, index)[:, 0].permute(1, 0, 2, 3)
+def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """[N] sigmas -> [N, 2 * radius + 1] normalised 1-D Gaussian kernels."""
+    offsets = torch.arange(-radius, radius + 1, dtype=sigma.dtype)
+    kernel = torch.exp(-0.5 * (offsets[None, :] / sigma[:, None]) ** 2)
+    return kernel / kernel.sum(dim=1, keepdim=True)
 
 
-def color_jitter(views: torch.Tensor, parameters: ViewParameters,
-                 factors: torch.Tensor) -> torch.Tensor:
-    """Brightness, contrast, saturation and hue in each row's own order, where ``jitter``;
-    ``parameters`` on the CPU, their ``factors`` [N, 4] on the views' device."""
-    operations: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = [
-        adjust_brightness, adjust_contrast]
-    if views.shape[1] == 3:  # saturation and hue are identities on one-channel images
-        operations += [adjust_saturation, adjust_hue]
-    for position in range(4):
-        for operation_index, operation in enumerate(operations):
-            mask = parameters.jitter & (parameters.order[:, position] == operation_index)
-            views = _masked(views, mask, _with_factor(operation, factors[:, operation_index]))
-    return views
-
-
-def _with_factor(operation: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 factor: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    return lambda views, rows: operation(views, factor[rows])
+def _blur_radius(size: int, max_sigma: float) -> int:
+    """3 sigma of the largest configured sigma, kept below the view's size (reflect padding)."""
+    return max(1, min(math.ceil(3 * max_sigma), size - 1))
 
 
 def gaussian_blur(views: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [N, C, H, W] with one ``sigma`` [N] per row; the kernel spans
-    3 sigma of the largest configured sigma, reflect padding (as torchvision's tensor blur).
+    """Separable Gaussian blur of square [N, C, S, S] with one ``sigma`` [N] per row; the kernel
+    spans 3 sigma of the largest configured sigma, reflect padding (as torchvision's tensor
+    blur)."""
+    radius = _blur_radius(views.shape[-1], max_sigma)
+    return _blur_with_kernels(views, gaussian_kernels(sigma, radius).to(views))
 
-    Written as a weighted sum of shifted copies: one kernel per row rules out a plain
-    convolution, and a grouped one with N * C groups is slow on CPUs.
+
+def _blur_with_kernels(views: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] blurred along both axes with ``kernels`` [N, k], one per row.
+
+    Written as a weighted sum of shifted copies (one fused multiply-add each): one kernel per
+    row rules out a plain convolution, and a grouped one with N * C groups is slow on CPUs.
     """
+    radius = kernels.shape[1] // 2
+    weights = kernels[:, :, None, None, None]  # [N, k, 1, 1, 1]
     height, width = views.shape[-2:]
-    radius = max(1, min(math.ceil(3 * max_sigma), height - 1, width - 1))
-    offsets = torch.arange(-radius, radius + 1, device=views.device, dtype=views.dtype)
-    kernel = torch.exp(-0.5 * (offsets[None, :] / sigma[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True))[:, :, None, None, None]  # [N, k, 1, 1, 1]
     padded = F.pad(views, (0, 0, radius, radius), mode="reflect")
-    views = kernel[:, 0] * padded[:, :, :height]
+    views = weights[:, 0] * padded[:, :, :height]
     for j in range(1, 2 * radius + 1):
-        views += kernel[:, j] * padded[:, :, j: j + height]
+        views.addcmul_(weights[:, j], padded[:, :, j: j + height])
     padded = F.pad(views, (radius, radius, 0, 0), mode="reflect")
-    views = kernel[:, 0] * padded[..., :width]
+    views = weights[:, 0] * padded[..., :width]
     for j in range(1, 2 * radius + 1):
-        views += kernel[:, j] * padded[..., j: j + width]
+        views.addcmul_(weights[:, j], padded[..., j: j + width])
     return views
