@@ -36,21 +36,18 @@ def _epoch_views(config: Config, epoch: int, start: int, stop: int | None,
     data = build_training_data(config, images, CPU)
     data.sampler.set_position(epoch, start)
     done = start // BATCH
-    batches = []
-    for position, batch in enumerate(data.loader, start=done):
-        if stop is not None and position >= stop:
-            break
-        batches.append(data.views(batch, CPU, epoch, position))
-    return batches
+    count = (data.sampler.batches_per_epoch if stop is None else stop) - done
+    return list(data.epoch_views(CPU, epoch, done, count))
 
 
-@pytest.mark.parametrize(("augmentation", "workers"), [
-    ("pil", 0), ("pil", 2), ("batched", 0), ("batched", 2)])
+@pytest.mark.parametrize(("augmentation", "workers", "prefetch"), [
+    ("pil", 0, False), ("pil", 2, False), ("batched", 0, False), ("batched", 2, False),
+    ("batched", 2, True)])
 def test_a_resumed_epoch_continues_without_replay_or_skip(tmp_path: Path, augmentation: str,
-                                                          workers: int) -> None:
+                                                          workers: int, prefetch: bool) -> None:
     make_fashion_mnist(tmp_path / "fashion", num_train=44, num_test=8)  # 5 batches, 4 left out
     config = _config(tmp_path, f"data.augmentation={augmentation}",
-                     f"data.num_workers={workers}")
+                     f"data.num_workers={workers}", f"data.prefetch_views={prefetch}")
     uninterrupted = _epoch_views(config, epoch=1, start=0, stop=None)
     before_stop = _epoch_views(config, epoch=1, start=0, stop=2)
     after_resume = _epoch_views(config, epoch=1, start=2 * BATCH, stop=None)
@@ -59,6 +56,31 @@ def test_a_resumed_epoch_continues_without_replay_or_skip(tmp_path: Path, augmen
         assert all(torch.equal(a, b) for a, b in zip(whole, pieced, strict=True))
     other_epoch = _epoch_views(config, epoch=2, start=0, stop=1)
     assert not torch.equal(other_epoch[0][0], uninterrupted[0][0])
+
+
+def test_prefetch_makes_the_next_views_before_handing_over_the_current_ones(
+        tmp_path: Path) -> None:
+    """data.prefetch_views: micro-batch i+1's views are made (on CUDA: launched on a side
+    stream) before micro-batch i goes to its step; the views themselves are unchanged, and no
+    micro-batch past ``count`` is read or counted by the skip log."""
+    make_fashion_mnist(tmp_path / "fashion", num_train=44, num_test=8)
+    config = _config(tmp_path, "data.augmentation=batched", "data.num_workers=0")
+    plain = _epoch_views(config, epoch=0, start=0, stop=4)
+    data = build_training_data(load_config(None, [*tiny_overrides(
+        tmp_path / "fashion", tmp_path / "run"), f"train.batch_size={BATCH}",
+        "data.augmentation=batched", "data.num_workers=0", "data.prefetch_views=true"]),
+        build_sources(config.data).train, CPU)
+    made = []
+    views_of = data.views
+    data.views = lambda *arguments: made.append(arguments[3]) or views_of(*arguments)
+    data.sampler.set_position(0, 0)
+    handed_over = []
+    for views in data.epoch_views(CPU, 0, 0, 4):
+        handed_over.append(views)
+        assert made == list(range(min(len(handed_over) + 1, 4)))
+    assert len(handed_over) == 4 and data.skips.read == 4 * BATCH
+    for ours, theirs in zip(plain, handed_over, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
 
 
 def test_the_sampler_shard_of_a_resumed_epoch_is_the_rest_of_the_epoch(tmp_path: Path) -> None:

@@ -43,6 +43,9 @@ class DataConfig:
     # and the views of a whole batch are made on the training device (data/batched_augment.py);
     # auto: batched on GPUs (2.6x faster end to end on an H100, docs/benchmarks.md), else pil
     augmentation: str = "auto"
+    # batched views on CUDA: make the next micro-batch's views on a side stream while the
+    # current step runs (off until measured on a GPU: docs/LOG.md); changes nothing elsewhere
+    prefetch_views: bool = False
     global_crop_size: int = 224
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     num_local_crops: int = 8

@@ -13,6 +13,8 @@ the ``SkipLog``, which reports them and stops the run when they are too many.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ class TrainingData:
     augment: BatchedMultiCrop | None  # None: the loader already returns views
     seed: int
     skips: SkipLog
+    prefetch: bool = False  # data.prefetch_views
 
     def views(self, batch: Any, device: torch.device, epoch: int,
               micro_batch: int) -> list[torch.Tensor]:
@@ -61,9 +64,69 @@ class TrainingData:
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, position))
         return self.augment(images.to(device, non_blocking=True), sizes, generator)
 
+    def epoch_views(self, device: torch.device, epoch: int, first_micro_batch: int,
+                    count: int) -> Iterator[list[torch.Tensor]]:
+        """The views of the loader's next ``count`` micro-batches, the first at position
+        ``first_micro_batch`` of this process's epoch (the sampler is already positioned).
+
+        With ``data.prefetch_views`` on CUDA, micro-batch i+1's views are launched on a side
+        stream before micro-batch i is handed over, so the augmentation can overlap step i.
+        """
+        prefetch = self.prefetch and self.augment is not None
+        streams = _SideStream(device if prefetch else None)
+        batches = itertools.islice(self.loader, count)
+        launched = (streams.launch(self.views, batch, device, epoch, position)
+                    for position, batch in enumerate(batches, first_micro_batch))
+        for views in _one_ahead(launched) if prefetch else launched:
+            yield streams.hand_over(views)
+
     def progress(self) -> dict[str, int]:
         """Extra progress-bar fields: the skipped samples, once there are any."""
         return {"skipped": self.skips.failed} if self.skips.failed else {}
+
+
+Launched = tuple[list[torch.Tensor], Any]  # views, and the event that marks them ready
+
+
+class _SideStream:
+    """Work launched on a side CUDA stream and handed to the current stream when consumed.
+
+    Tensors made on the side stream are recorded as used by the current one, so the caching
+    allocator cannot give their memory back to the side stream while a step still reads them.
+    Elsewhere (or with ``device`` None) there are no streams: ``launch`` just runs and
+    ``hand_over`` returns.
+    """
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.cuda = device is not None and device.type == "cuda"
+        if self.cuda:
+            self.main = torch.cuda.current_stream(device)
+            self.side = torch.cuda.Stream(device)
+
+    def launch(self, make: Callable[..., list[torch.Tensor]],
+               *arguments: Any) -> Launched:
+        if not self.cuda:
+            return make(*arguments), None
+        with torch.cuda.stream(self.side):
+            tensors = make(*arguments)
+        for tensor in tensors:
+            tensor.record_stream(self.main)
+        return tensors, self.side.record_event()
+
+    def hand_over(self, launched: Launched) -> list[torch.Tensor]:
+        tensors, ready = launched
+        if ready is not None:
+            self.main.wait_event(ready)  # a device-side wait: no host sync
+        return tensors
+
+
+def _one_ahead(items: Iterator[Launched]) -> Iterator[Launched]:
+    """Each item, yielded once the one after it has been made (its work launched)."""
+    ahead = next(items, None)
+    while ahead is not None:
+        following = next(items, None)
+        yield ahead
+        ahead = following
 
 
 def resolve_augmentation(name: str, device: torch.device) -> str:
@@ -95,4 +158,5 @@ def build_training_data(config: Config, images: Dataset, device: torch.device) -
     where = config.data.root if isinstance(images, ImageFiles) else "the training data set"
     skips = SkipLog(Path(config.run.dir), where, config.data.max_bad_fraction,
                     sampler.samples_per_process, warn=say, collective=processes > 1)
-    return TrainingData(loader, sampler, length, augment, config.train.seed, skips)
+    return TrainingData(loader, sampler, length, augment, config.train.seed, skips,
+                        config.data.prefetch_views)
