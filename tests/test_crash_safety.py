@@ -88,13 +88,24 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_fashion_mnist(tmp_path_factory.mktemp("fashion"))
 
 
+def epoch_losses(run_dir: Path) -> list[float]:
+    """The mean loss of each epoch, as metrics.jsonl records it."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in records if record["kind"] == "epoch"]
+
+
 @pytest.fixture(scope="module")
-def reference(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The uninterrupted run, in a child process like the others."""
+def reference_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run, in a child process like the others -> its run folder."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     status, _, err = finish(start("plain", child_arguments(data_root, run_dir)))
     assert status == 0, err[-2000:]
-    state = final_state(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: Path) -> dict[str, Any]:
+    state = final_state(reference_run)
     assert state["step"] == STEPS
     return state
 
@@ -149,7 +160,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(
 
 @pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_resumes(data_root: Path, reference: dict[str, Any],
-                                                    tmp_path: Path) -> None:
+                                                    reference_run: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     arguments = child_arguments(data_root, run_dir, "run.checkpoint_every_minutes=0")
     process = start("slow", arguments)
@@ -166,6 +177,10 @@ def test_sigterm_saves_the_current_step_and_resumes(data_root: Path, reference: 
         "a mid-epoch checkpoint of the step in progress (epoch checkpoints are at 6 and 12)"
     resume_to_the_end(arguments)
     assert_same_networks(final_state(run_dir), reference)
+    # The stopped epoch's loss is the mean of all of its steps, not of those after the resume.
+    expected = epoch_losses(reference_run)
+    assert len(expected) == 2
+    assert epoch_losses(run_dir) == pytest.approx(expected, rel=1e-6, abs=0)
 
 
 @pytest.mark.slow

@@ -20,11 +20,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_fashion_mnist, tiny_overrides
+from conftest import global_torch_state_kept, make_fashion_mnist, tiny_overrides
 
 from dinolab.config import Config, ConfigError, load_config
 from dinolab.training import loop
-from dinolab.training.checkpoint import LATEST
+from dinolab.training.checkpoint import LATEST, load_latest
+from dinolab.training.state import build_state
 
 STEPS_PER_EPOCH = 96 // 16  # make_fashion_mnist's 96 train images, the tiny config's batch of 16
 WITH_DROP_PATH = ("train.device=cpu", "model.drop_path_rate=0.1",
@@ -219,3 +220,26 @@ def test_batched_augmentation_is_independent_of_workers(uninterrupted: Callable[
     assert_same_training_state(
         checkpoint(uninterrupted("data.augmentation=batched", "data.num_workers=2")),
         checkpoint(uninterrupted("data.augmentation=batched")))
+
+
+def test_the_epochs_running_loss_is_saved_and_older_checkpoints_resume_without_it(
+        tmp_path: Path) -> None:
+    """The sum and count of the epoch's losses so far travel in the checkpoint; a checkpoint
+    of an older version, which has neither, loads as an empty sum."""
+    config = config_for(tmp_path / "no-data", tmp_path / "run")
+    with global_torch_state_kept():
+        saved = build_state(config)
+        saved.epoch_loss_sum += 7.25
+        saved.epoch_steps = 3
+        restored = build_state(config)
+        restored.load_state_dict(saved.state_dict())
+        assert (restored.epoch_loss_sum.item(), restored.epoch_steps) == (7.25, 3)
+
+        older = {key: value for key, value in saved.state_dict().items()
+                 if key not in ("epoch_loss_sum", "epoch_steps")}
+        (tmp_path / "run").mkdir()
+        torch.save(older, tmp_path / "run" / LATEST)
+        loaded = load_latest(tmp_path / "run", report=print)
+        assert loaded is not None
+        restored.load_state_dict(loaded)
+        assert (restored.epoch_loss_sum.item(), restored.epoch_steps) == (0.0, 0)

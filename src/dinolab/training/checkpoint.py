@@ -43,6 +43,8 @@ LATEST = "checkpoint.pt"
 STEP_PREFIX = "checkpoint_step_"
 TEACHER_EXPORT = "teacher.safetensors"
 TEACHER_SIDECAR = "teacher.json"
+# Not required, so that checkpoints of older versions still load: "epoch_loss_sum" and
+# "epoch_steps" (state.py reads their absence as an empty sum).
 REQUIRED_KEYS = ("student", "teacher", "loss", "optimizer", "epoch", "step",
                  "samples_into_epoch", "config", "rng")
 

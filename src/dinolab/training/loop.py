@@ -224,8 +224,9 @@ class EpochResult:
 def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> EpochResult:
     """Train one epoch (or its remainder after a resume) -> its mean loss and the skip count.
 
-    Mid-epoch checkpoints (the timer, a stop signal) hold the sampler position, so a resume
-    from one continues with the next batch; a stop signal raises RunStopped after its save.
+    Mid-epoch checkpoints (the timer, a stop signal) hold the sampler position and the epoch's
+    running loss, so a resume from one continues with the next batch and the mean covers the
+    whole epoch; a stop signal raises RunStopped after its save.
     """
     config, epoch, length = state.config, state.epoch, data.length
     accumulation = config.train.accumulation_steps
@@ -233,8 +234,7 @@ def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> Epoc
     done = state.samples_into_epoch // batch_per_process
     data.sampler.set_position(epoch, state.samples_into_epoch)
     bar = progress_bar(length.steps_per_epoch, done, epoch, length.epochs, config.run.progress_bar)
-    loss_sum = torch.zeros((), device=state.device)
-    steps, tick = 0, time.perf_counter()
+    steps, tick = 0, time.perf_counter()  # steps: in this call (a resume continues at ``done``)
     micro_batches: list[list[torch.Tensor]] = []
     for batch in data.loader if done < length.steps_per_epoch else ():
         micro_batch = (done + steps) * accumulation + len(micro_batches)
@@ -245,7 +245,8 @@ def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> Epoc
         loss = train_step(state, micro_batches, values)
         run.watch.observe(state.step, loss, state.gradients_finite)
         micro_batches = []
-        loss_sum += loss
+        state.epoch_loss_sum += loss  # on the device: no host sync
+        state.epoch_steps += 1
         steps += 1
         state.samples_into_epoch += batch_per_process
         bar.update()
@@ -268,7 +269,8 @@ def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> Epoc
     bar.close()
     skipped = data.skips.check(state.device)
     run.watch.check(run.last_good())
-    return EpochResult(loss_sum.item() / max(steps, 1), skipped)  # host sync, once an epoch
+    mean_loss = state.epoch_loss_sum.item() / max(state.epoch_steps, 1)  # host sync, once an epoch
+    return EpochResult(mean_loss, skipped)
 
 
 def _stopped_message(run: RunContext, step: int, path: Path) -> str:
@@ -391,7 +393,7 @@ def _train_epochs(state: TrainingState, data: TrainingData, run: RunContext, sou
     for epoch in range(state.epoch, config.train.epochs):
         state.epoch = epoch
         result = run_epoch(state, data, run)
-        state.epoch, state.samples_into_epoch = epoch + 1, 0
+        state.begin_next_epoch()
         keep = _due(epoch + 1, config.run.keep_every_epochs, None)
         if run.control.poll(sync_point=True).stop:
             path = save(state, run, keep)

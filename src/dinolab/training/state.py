@@ -1,12 +1,14 @@
 """Everything a DINO run updates, built from the config, and its (de)serialisation.
 
 The state is explicit so that a checkpoint holds all of it and a resumed run continues exactly:
-student, teacher, the loss center, optimizer, grad scaler, position (epoch, step) and RNG.
+student, teacher, the loss center, optimizer, grad scaler, position (epoch, step), RNG, and the
+running loss of the epoch in progress (so that an epoch resumed mid-way reports the mean of all
+of its steps).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -91,11 +93,23 @@ class TrainingState:
     # Whether the last step's gradients were all finite: a device bool set by train_step, read
     # by the loop at log steps (not saved: a checkpoint is only written from a finite state)
     gradients_finite: torch.Tensor | None = None
+    # The losses of ``epoch``'s steps so far, summed on the device (adding one is no host sync;
+    # the loop reads the sum once, at the epoch's end), and how many there are
+    epoch_loss_sum: torch.Tensor = field(init=False)
+    epoch_steps: int = 0
 
     def __post_init__(self) -> None:
         # Listed once: the step clips and averages these every iteration.
         self.student_parameters: list[torch.Tensor] = list(self.student_module.parameters())
         self.teacher_parameters: list[torch.Tensor] = list(self.teacher.parameters())
+        self.epoch_loss_sum = torch.zeros((), device=self.device)
+
+    def begin_next_epoch(self) -> None:
+        """Move to the start of the next epoch: none of its samples read, no loss summed."""
+        self.epoch += 1
+        self.samples_into_epoch = 0
+        self.epoch_loss_sum.zero_()
+        self.epoch_steps = 0
 
     @property
     def student_module(self) -> MultiCropNetwork:
@@ -114,6 +128,8 @@ class TrainingState:
             "epoch": self.epoch,
             "step": self.step,
             "samples_into_epoch": self.samples_into_epoch,
+            "epoch_loss_sum": self.epoch_loss_sum.cpu(),
+            "epoch_steps": self.epoch_steps,
             "config": to_dict(self.config),
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
@@ -128,6 +144,10 @@ class TrainingState:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.samples_into_epoch = state["samples_into_epoch"]
+        # Checkpoints of older versions have no running loss: the epoch's mean then covers the
+        # steps after the resume only, as it did when they were written.
+        self.epoch_loss_sum.copy_(state.get("epoch_loss_sum", torch.zeros(())))
+        self.epoch_steps = state.get("epoch_steps", 0)
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
