@@ -18,6 +18,7 @@ Examples (docs/benchmarks.md has the recorded results):
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import itertools
@@ -27,6 +28,7 @@ import resource
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,10 +44,11 @@ from dinolab.data.datasets import ArrayImages, build_sources
 from dinolab.training import step as step_module
 from dinolab.training.loop import seed_everything
 from dinolab.training.optim import parameter_groups
-from dinolab.training.pipeline import build_training_data
+from dinolab.training.pipeline import TrainingData, build_training_data
 from dinolab.training.state import (
     TrainingState,
     build_state,
+    resolve_precision,
     set_fused_attention,
     use_fused_attention,
 )
@@ -67,6 +70,7 @@ class Row:
     peak_memory_mb: float
     tflops: float | None = None
     mfu: float | None = None
+    host_syncs_per_step: float | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
     parser.add_argument("--modes", default="model,e2e", help="model, e2e, data (comma-separated)")
-    parser.add_argument("--augmentation", default="pil,batched", help="e2e: pil and/or batched")
+    parser.add_argument("--augmentation", default="pil,batched",
+                        help="e2e and data: pil, batched and/or batched+prefetch")
     parser.add_argument("--workers", type=int, default=1, help="loader workers (e2e)")
     parser.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "jpeg"])
     parser.add_argument("--images", type=int, default=2048, help="generated JPEGs (--data jpeg)")
@@ -87,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--flops", action="store_true", help="count FLOPs, report MFU")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per figure")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="CUDA: count the host syncs torch reports in the timed steps")
     parser.add_argument("--json", type=Path, help="also write the table here")
     return parser.parse_args(argv)
 
@@ -135,11 +142,24 @@ def random_views(config: Config, batch: int, device: torch.device) -> list[torch
     return [torch.randn(batch, 3, size, size, device=device) for size in sizes]
 
 
-def forever(loader: Any, on_epoch: Callable[[int], None] | None = None) -> Iterator[Any]:
-    for epoch in itertools.count():
-        if on_epoch:
-            on_epoch(epoch)
+def forever(loader: Any) -> Iterator[Any]:
+    for _ in itertools.count():
         yield from loader
+
+
+def pipeline_views(data: TrainingData, device: torch.device) -> Iterator[list[torch.Tensor]]:
+    """The views the training loop receives, epoch after epoch (TrainingData.epoch_views)."""
+    for epoch in itertools.count():
+        data.sampler.set_position(epoch, 0)
+        yield from data.epoch_views(device, epoch, 0, len(data.loader))
+
+
+def augmentation_overrides(name: str) -> list[str]:
+    """``pil``, ``batched`` or ``batched+prefetch`` -> config overrides."""
+    augmentation, _, prefetch = name.partition("+")
+    if prefetch not in ("", "prefetch"):
+        raise SystemExit(f"--augmentation: unknown variant {name!r}")
+    return [f"data.augmentation={augmentation}", f"data.prefetch_views={prefetch == 'prefetch'}"]
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -163,12 +183,17 @@ def measure(name: str, mode: str, step: Callable[[Any], Any], batches: Iterator[
     for _ in range(args.warmup):
         step(next(batches))
     synchronize(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step(next(batches))
-    synchronize(device)
-    seconds = (time.perf_counter() - start) / args.steps
+    with counting_host_syncs(args.sync_debug and device.type == "cuda") as syncs:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step(next(batches))
+        synchronize(device)
+        seconds = (time.perf_counter() - start) / args.steps
     row = Row(name, mode, batch, batch / seconds, seconds * 1000, peak_memory_mb(device))
+    if syncs:
+        row.host_syncs_per_step = (len(syncs) - 1) / args.steps  # less the final synchronize
+        for where, count in collections.Counter(syncs).most_common(3):
+            print(f"    host sync x{count}: {where}")
     if flops is not None:
         row.tflops = flops / seconds / 1e12
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)),
@@ -176,6 +201,24 @@ def measure(name: str, mode: str, step: Callable[[Any], Any], batches: Iterator[
         row.mfu = row.tflops / peak if peak else None
     print(format_row(row), flush=True)
     return row
+
+
+@contextlib.contextmanager
+def counting_host_syncs(enabled: bool) -> Iterator[list[str]]:
+    """The host syncs that torch reports (``set_sync_debug_mode``), each as its warning's text;
+    an empty list when not ``enabled`` (CUDA only)."""
+    syncs: list[str] = []
+    if not enabled:
+        yield syncs
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield syncs
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs += [str(warning.message).splitlines()[0][:120] for warning in caught]
 
 
 def count_flops(step: Callable[[Any], Any], views: Any) -> float:
@@ -299,24 +342,25 @@ def e2e_rows(args: argparse.Namespace, batch: int, scratch: Path) -> list[Row]:
     rows = []
     base = make_config(args, batch)
     images = training_images(args, base, scratch)
-    for augmentation in args.augmentation.split(","):
-        config = make_config(args, batch, f"data.augmentation={augmentation}")
+    compiled = ["train.compile=true"] if args.compile else []
+    for augmentation, compile_options in itertools.product(
+            args.augmentation.split(","), [[], compiled] if compiled else [[]]):
+        config = make_config(args, batch, *augmentation_overrides(augmentation),
+                             *compile_options)
         seed_everything(config)
         state = build_state(config)
         data = build_training_data(config, images, state.device)
-        counter = itertools.count()
-        batches = (data.views(b, state.device, 0, next(counter))
-                   for b in forever(data.loader, data.sampler.set_position))
-        rows.append(measure(f"dinolab ({augmentation})", "e2e", dinolab_step(state), batches,
+        name = f"dinolab ({augmentation}{', compiled' if compile_options else ''})"
+        rows.append(measure(name, "e2e", dinolab_step(state), pipeline_views(data, state.device),
                             batch, args, state.device))
-        del data, batches
+        del data, state
     if not args.no_peer:
         from lightly_peer import PeerStep, peer_loader
 
-        peer = PeerStep(base, state.device, state.autocast_dtype)
-        loader = peer_loader(base, images, batch, args.workers, state.device.type == "cuda")
-        rows.append(measure("peer (lightly)", "e2e", peer, forever(loader), batch, args,
-                            state.device))
+        device = torch.device(base.train.device)
+        peer = PeerStep(base, device, resolve_precision(args.precision, device))
+        loader = peer_loader(base, images, batch, args.workers, device.type == "cuda")
+        rows.append(measure("peer (lightly)", "e2e", peer, forever(loader), batch, args, device))
     return rows
 
 
@@ -328,11 +372,9 @@ def data_rows(args: argparse.Namespace, batch: int, scratch: Path) -> list[Row]:
     images = training_images(args, base, scratch)
     device = torch.device(base.train.device)
     for augmentation in args.augmentation.split(","):
-        config = make_config(args, batch, f"data.augmentation={augmentation}")
+        config = make_config(args, batch, *augmentation_overrides(augmentation))
         data = build_training_data(config, images, device)
-        counter = itertools.count()
-        batches = (data.views(b, device, 0, next(counter))
-                   for b in forever(data.loader, data.sampler.set_position))
+        batches = pipeline_views(data, device)
         rows.append(measure(f"pipeline ({augmentation})", "data", lambda views: None, batches,
                             batch, args, device))
         if data.augment is not None:

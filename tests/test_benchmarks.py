@@ -21,12 +21,14 @@ def test_throughput_benchmark_runs_every_mode(fashion_root: Path, tmp_path: Path
         "--set", "model.backbone_kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
         "--set", "model.head.out_dim=64", "--set", "data.num_local_crops=2",
         "--batch", "8", "--precision", "fp32", "--workers", "0", "--modes", "model,e2e,data",
+        "--augmentation", "pil,batched,batched+prefetch",
         "--switches", "--flops", "--steps", "1", "--warmup", "1", "--json", str(output),
     ])
     table = json.loads(output.read_text())
     names = [(row["mode"], row["name"]) for row in table["rows"]]
     assert ("model", "dinolab") in names and ("model", "peer (lightly)") in names
     assert ("e2e", "dinolab (batched)") in names and ("e2e", "peer (lightly)") in names
+    assert ("e2e", "dinolab (batched+prefetch)") in names
     assert ("data", "augmentation alone") in names
     assert sum(name.startswith("off:") for _, name in names) == 6
     assert ("model", "swap: fused/eager attention") in names

@@ -215,6 +215,18 @@ def test_batched_augmentation_resumes_exactly(data_root: Path, uninterrupted: Ca
         assert_same_training_state(reference, checkpoint(uninterrupted()))
 
 
+def test_prefetched_views_train_the_same_run(data_root: Path, uninterrupted: Callable[..., Path],
+                                            tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.prefetch_views makes each micro-batch's views one step early (on CUDA on a side
+    stream): the run, interrupted and resumed, is still the same bit for bit."""
+    reference = checkpoint(uninterrupted("data.augmentation=batched"))
+    config = config_for(data_root, tmp_path / "run", "data.augmentation=batched",
+                        "data.prefetch_views=true")
+    assert interrupted_then_resumed(config, monkeypatch)[0] == [0, 1]
+    assert_same_training_state(checkpoint(tmp_path / "run"), reference)
+
+
 @pytest.mark.slow
 def test_batched_augmentation_is_independent_of_workers(uninterrupted: Callable[..., Path]) -> None:
     assert_same_training_state(

@@ -236,9 +236,9 @@ def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> Epoc
     bar = progress_bar(length.steps_per_epoch, done, epoch, length.epochs, config.run.progress_bar)
     steps, tick = 0, time.perf_counter()  # steps: in this call (a resume continues at ``done``)
     micro_batches: list[list[torch.Tensor]] = []
-    for batch in data.loader if done < length.steps_per_epoch else ():
-        micro_batch = (done + steps) * accumulation + len(micro_batches)
-        micro_batches.append(data.views(batch, state.device, epoch, micro_batch))
+    remaining = (length.steps_per_epoch - done) * accumulation  # micro-batches
+    for views in data.epoch_views(state.device, epoch, done * accumulation, remaining):
+        micro_batches.append(views)
         if len(micro_batches) < accumulation:
             continue
         values = step_values(config, length, state.step, epoch)

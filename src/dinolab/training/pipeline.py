@@ -72,6 +72,8 @@ class TrainingData:
         With ``data.prefetch_views`` on CUDA, micro-batch i+1's views are launched on a side
         stream before micro-batch i is handed over, so the augmentation can overlap step i.
         """
+        if count <= 0:
+            return  # without starting the loader's workers
         prefetch = self.prefetch and self.augment is not None
         streams = _SideStream(device if prefetch else None)
         batches = itertools.islice(self.loader, count)
