@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import forever, write_jpegs  # noqa: E402
+from throughput import pipeline_views, write_jpegs  # noqa: E402
 
 from dinolab.config import Config, load_config  # noqa: E402
 from dinolab.data.datasets import ArrayImages, build_sources  # noqa: E402
@@ -89,9 +89,7 @@ def workload_images(name: str, args: argparse.Namespace, scratch: Path,
 def views_per_second(config: Config, images: Dataset, args: argparse.Namespace) -> float:
     """Time ``args.batches`` batches from the loader to views in the main process."""
     data = build_training_data(config, images, CPU)
-    counter = itertools.count()
-    batches = (data.views(batch, CPU, 0, next(counter))
-               for batch in forever(data.loader, data.sampler.set_position))
+    batches = pipeline_views(data, CPU)
     for _ in range(args.warmup):  # includes starting the workers
         next(batches)
     start = time.perf_counter()

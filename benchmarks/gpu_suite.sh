@@ -1,14 +1,32 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md: ViT-S/16, 2x224 + 10x96 crops, bf16, batch 64 and 128.
-# Usage: benchmarks/gpu_suite.sh OUTPUT_FOLDER   (about 6 minutes on one H100/H200)
+# The GPU figures of docs/benchmarks.md: ViT-S/16, 2x224 + 10x96 crops, bf16.
+# Usage: benchmarks/gpu_suite.sh OUTPUT_FOLDER [tables|levers]
+#   tables  the recorded tables: model only at batch 64 and 128, end to end, the switches and
+#           torch.compile (about 6 minutes on one H100)
+#   levers  the CUDA tests first, then the open levers of issue 6 side by side: prefetched
+#           views, compiled end to end, host syncs per step, the augmentation alone, and
+#           ViT-B/16's MFU for scale (about 7 minutes)
 set -uo pipefail
 out=${1:-bench-out}
+part=${2:-tables}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 common=(--preset imagenet_vit_small --set data.num_local_crops=10 --precision bf16)
 bench() { python3 benchmarks/throughput.py "${common[@]}" "$@" 2>&1 | grep -v -i warn; }
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+if [ "$part" = levers ]; then
+    python3 -m pytest -q -p no:warnings tests/test_cuda.py 2>&1 | tail -5 | tee "$out/cuda_tests.txt"
+    bench --batch 128 --modes data --data jpeg --images 2000 --workers 14 --steps 20 --warmup 5 \
+        --augmentation batched,batched+prefetch --json "$out/data.json" | tee "$out/data.txt"
+    bench --batch 128 --modes model,e2e --compile --no-peer --data jpeg --images 2000 \
+        --workers 14 --augmentation batched,batched+prefetch --sync-debug --steps 30 \
+        --warmup 10 --json "$out/e2e_levers.json" | tee "$out/e2e_levers.txt"
+    bench --set model.backbone=vit_base_patch16_224 --batch 128 --modes model --compile \
+        --no-peer --flops --steps 20 --warmup 5 --json "$out/vit_base.json" \
+        | tee "$out/vit_base.txt"
+    exit 0
+fi
 bench --batch 64 128 --modes model --flops --steps 20 --warmup 5 --json "$out/model.json" \
     | tee "$out/model.txt"
 bench --batch 128 --modes e2e --data jpeg --images 2000 --workers 14 --steps 30 --warmup 10 \
