@@ -249,6 +249,14 @@ def test_blur_equals_torchvision_per_image() -> None:
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+def test_the_gpus_depthwise_blur_equals_the_shifted_sums() -> None:
+    """CUDA blurs with a depthwise convolution, CPUs with shifted sums: the same numbers."""
+    images = _images(count=6, size=20)
+    kernels = batched.gaussian_kernels(torch.tensor([0.1, 0.4, 0.9, 1.3, 1.7, 2.0]), radius=6)
+    torch.testing.assert_close(batched._blur_depthwise(images, kernels),
+                               batched._blur_with_kernels(images, kernels), rtol=1e-5, atol=1e-6)
+
+
 def test_crop_of_its_own_size_is_the_exact_pixels_and_padding_is_never_read() -> None:
     """A whole-pixel box of the output's size gives exactly those pixels (pixel centres are
     sampled), with every other operation off."""

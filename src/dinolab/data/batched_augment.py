@@ -341,11 +341,15 @@ def gaussian_blur(views: torch.Tensor, sigma: torch.Tensor, max_sigma: float) ->
 
 
 def _blur_with_kernels(views: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] blurred along both axes with ``kernels`` [N, k], one per row.
+    """[N, C, H, W] blurred along both axes with ``kernels`` [N, k], one per row (reflect
+    padding).
 
-    Written as a weighted sum of shifted copies (one fused multiply-add each): one kernel per
-    row rules out a plain convolution, and a grouped one with N * C groups is slow on CPUs.
+    One kernel per row rules out a plain convolution. On CUDA it is a depthwise convolution
+    with N * C groups (two kernels per axis); on CPUs, where such a convolution is slow, a
+    weighted sum of shifted copies (one fused multiply-add per tap).
     """
+    if views.is_cuda:
+        return _blur_depthwise(views, kernels)
     radius = kernels.shape[1] // 2
     weights = kernels[:, :, None, None, None]  # [N, k, 1, 1, 1]
     height, width = views.shape[-2:]
@@ -358,3 +362,16 @@ def _blur_with_kernels(views: torch.Tensor, kernels: torch.Tensor) -> torch.Tens
     for j in range(1, 2 * radius + 1):
         views.addcmul_(weights[:, j], padded[..., j: j + width])
     return views
+
+
+def _blur_depthwise(views: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """``_blur_with_kernels`` as two depthwise convolutions over [1, N * C, H, W]."""
+    count, channels, height, width = views.shape
+    radius = kernels.shape[1] // 2
+    weights = kernels.repeat_interleave(channels, dim=0)  # [N * C, k]: a row's kernel per channel
+    flat = views.reshape(1, count * channels, height, width)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"),
+                    weights[:, None, :, None], groups=count * channels)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"),
+                    weights[:, None, None, :], groups=count * channels)
+    return flat.view(count, channels, height, width)
