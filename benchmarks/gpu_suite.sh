@@ -3,9 +3,9 @@
 # Usage: benchmarks/gpu_suite.sh OUTPUT_FOLDER [tables|levers]
 #   tables  the recorded tables: model only at batch 64 and 128, end to end, the switches and
 #           torch.compile (about 6 minutes on one H100)
-#   levers  the CUDA tests first, then the open levers of issue 6 side by side: prefetched
-#           views, compiled end to end, host syncs per step, the augmentation alone, and
-#           ViT-B/16's MFU for scale (about 7 minutes)
+#   levers  the CUDA tests first, then the open levers of issue 6 side by side: the
+#           augmentation's cost (against $AUGMENT_BEFORE when set), prefetched views, compiled
+#           end to end, host syncs per step, and ViT-B/16's MFU for scale (about 7 minutes)
 set -uo pipefail
 out=${1:-bench-out}
 part=${2:-tables}
@@ -17,6 +17,10 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm._
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 if [ "$part" = levers ]; then
     python3 -m pytest -q -p no:warnings tests/test_cuda.py 2>&1 | tail -5 | tee "$out/cuda_tests.txt"
+    # AUGMENT_BEFORE: an older batched_augment.py to compare with (git show REV:path > file)
+    python3 benchmarks/augmentation_ops.py --device cuda --repeat 20 \
+        ${AUGMENT_BEFORE:+--compare-with "$AUGMENT_BEFORE"} 2>&1 | grep -v -i warn \
+        | tee "$out/augmentation_ops.txt"
     bench --batch 128 --modes data --data jpeg --images 2000 --workers 14 --steps 20 --warmup 5 \
         --augmentation batched,batched+prefetch --json "$out/data.json" | tee "$out/data.txt"
     bench --batch 128 --modes model,e2e --compile --no-peer --data jpeg --images 2000 \
