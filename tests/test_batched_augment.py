@@ -298,11 +298,14 @@ def _reference_view(image: torch.Tensor, parameters: batched.ViewParameters, row
     return view
 
 
+@pytest.mark.parametrize("all_rows", [False, True], ids=["row-selecting", "all-rows"])
 @pytest.mark.parametrize("channels", [3, 1])
-def test_apply_equals_torchvision_view_by_view(channels: int) -> None:
+def test_apply_equals_torchvision_view_by_view(channels: int, all_rows: bool) -> None:
     """The whole chain, with each row's own flip, jitter order and factors, grayscale, blur
     and solarize, equals torchvision's functional operations applied view by view. Boxes of
-    the image's own size make the crop exact, so every other operation is compared alone."""
+    the image's own size make the crop exact, so every other operation is compared alone.
+    Both paths: the eager one that touches only the rows each operation needs, and the
+    all-rows one that train.compile compiles (here uncompiled)."""
     count, size = 48, 12
     generator = torch.Generator().manual_seed(7)
     images = torch.rand(count, channels, size, size, generator=generator)
@@ -319,13 +322,29 @@ def test_apply_equals_torchvision_view_by_view(channels: int) -> None:
         order=torch.rand((count, 4), generator=generator).argsort(dim=1),
         grayscale=coin(0.3), blur=coin(0.5),
         sigma=torch.rand(count, generator=generator) * 1.9 + 0.1, solarize=coin(0.3))
-    config = DataConfig(blur_sigma=(0.1, 2.0))
-    views = batched.BatchedMultiCrop(config).apply(images, parameters, size)
+    augment = batched.BatchedMultiCrop(DataConfig(blur_sigma=(0.1, 2.0)))
+    if all_rows:
+        augment.compiled = batched.augment_all_rows
+    views = augment.apply(images, parameters, size)
     kernel_size = 2 * min(math.ceil(3 * 2.0), size - 1) + 1
     expected = torch.stack([_reference_view(image, parameters, row, kernel_size)
                             for row, image in enumerate(images)])
     assert parameters.jitter.sum() > 20 and parameters.blur.sum() > 10
     torch.testing.assert_close(views, expected, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_compiled_augmentation_equals_the_eager_one() -> None:
+    """train.compile: the compiled all-rows augmentation gives the eager path's views."""
+    config = DataConfig(global_crop_size=24, local_crop_size=12, num_local_crops=2,
+                        blur_sigma=(0.1, 2.0))
+    images = _images(count=6, size=40).mul(255).byte()
+    sizes = torch.tensor([[40, 40], [30, 40], [40, 25], [36, 36], [40, 40], [20, 33]])
+    eager = batched.BatchedMultiCrop(config)(images, sizes, torch.Generator().manual_seed(2))
+    compiled = batched.BatchedMultiCrop(config, compile=True)(images, sizes,
+                                                              torch.Generator().manual_seed(2))
+    for ours, theirs in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_views_shapes_normalisation_and_determinism() -> None:
