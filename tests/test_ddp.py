@@ -11,6 +11,7 @@ compare what the ranks save in OUT with a single process run here.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -305,6 +306,12 @@ def test_train_under_two_processes_equals_one_process(
     two = torch.load(base / "two" / "run" / "checkpoint.pt", weights_only=True)
     one = torch.load(base / "one" / "run" / "checkpoint.pt", weights_only=True)
     assert two["step"] == one["step"]
+    # The recorded epoch loss is the mean over processes, not the main process's half batch.
+    epoch_loss = [[record["loss"] for record in map(json.loads, (
+        base / runs / "run" / "metrics.jsonl").read_text().splitlines())
+        if record.get("kind") == "epoch"] for runs in ("two", "one")]
+    assert len(epoch_loss[0]) == 1
+    assert epoch_loss[0] == pytest.approx(epoch_loss[1], rel=1e-4)
     # 6 steps at the tiny config's peak lr (5e-4 * 16 / 256 = 3.1e-5): key-bias bound lr * steps.
     key_bias = {"rtol": 0.0, "atol": 6 * 3.2e-5}
     assert_networks_close(two["student"], one["student"], "student", TOLERANCE, key_bias)

@@ -17,6 +17,7 @@ from dinolab.config import Config, ConfigError, from_dict, to_dict, to_yaml
 from dinolab.data.datasets import UNLABELLED, Sources, build_sources
 from dinolab.data.transforms import EvalTransform
 from dinolab.distributed import (
+    all_reduce_mean,
     any_process,
     barrier,
     init_distributed,
@@ -181,6 +182,9 @@ def save(state: TrainingState, run: RunContext, keep_epoch_copy: bool) -> Path:
     if not state_is_finite(tensors):
         raise NonFiniteLoss(f"the parameters are not finite after step {state.step}; last good "
                             f"checkpoint: {run.last_good() or 'none yet'}; {LEVERS}")
+    # The epoch's running loss, averaged over processes (a collective), so that a resume, which
+    # gives every process the main one's, continues the same mean.
+    all_reduce_mean(state.epoch_loss_sum)
     path, error = step_file(run.run_dir, state.step), None
     if is_main_process():
         try:
@@ -269,6 +273,7 @@ def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> Epoc
     bar.close()
     skipped = data.skips.check(state.device)
     run.watch.check(run.last_good())
+    all_reduce_mean(state.epoch_loss_sum)  # the mean over processes (a collective)
     mean_loss = state.epoch_loss_sum.item() / max(state.epoch_steps, 1)  # host sync, once an epoch
     return EpochResult(mean_loss, skipped)
 
