@@ -122,6 +122,8 @@ MISTAKES: list[tuple[str, str | None, list[str], str, Callable[[Path, Path], Non
     ("unknown-device", None, ["train.device=gpu"], "train.device", _nothing),
     ("drop-path-above-1", None, ["model.drop_path_rate=1.5"], "model.drop_path_rate", _nothing),
     ("negative-workers", None, ["data.num_workers=-1"], "data.num_workers", _nothing),
+    ("device-decode-with-pil-views", None, ["data.augmentation=pil", "data.decode=device"],
+     "data.decode", _nothing),
     ("log-every-0", None, ["run.log_every_steps=0"], "run.log_every_steps", _nothing),
     ("keep-no-checkpoint", None, ["run.keep_last_checkpoints=0"], "run.keep_last_checkpoints",
      _nothing),

@@ -163,6 +163,9 @@ MISTAKES: list[tuple[str | None, list[str], str]] = [
     (None, ["train.batch_size=10", "train.accumulation_steps=3"], "train.batch_size"),
     (None, ["train.accumulation_steps=0"], "train.accumulation_steps"),
     (None, ["data.source=coco"], "data.source"),
+    (None, ["data.decode=gpu"], "data.decode"),
+    (None, ["data.augmentation=pil", "data.decode=device"], "data.decode"),
+    (None, ["train.device=cpu", "data.decode=device"], "data.decode"),  # auto is pil there
     (None, ["model.head.norm=group"], "model.head.norm"),
     (None, ["model.head.out_dim=0"], "model.head.out_dim"),
     (None, ["optim.min_lr=1.0"], "optim.min_lr"),

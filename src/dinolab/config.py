@@ -46,6 +46,10 @@ class DataConfig:
     # batched views on CUDA: make the next micro-batch's views on a side stream while the
     # current step runs (off until measured on a GPU: docs/LOG.md); changes nothing elsewhere
     prefetch_views: bool = False
+    # workers: the loader's workers decode every image; device (batched augmentation only):
+    # workers read JPEG files undecoded and the main process decodes each batch's JPEGs in one
+    # call on the training device (nvJPEG; data/device_decode.py). Helps only on CUDA
+    decode: str = "workers"
     global_crop_size: int = 224
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     num_local_crops: int = 8
@@ -173,6 +177,7 @@ DATA_SPLITS = {
     "fashion-mnist": ("train", "test"),
 }
 AUGMENTATIONS = ("auto", "pil", "batched")
+DECODES = ("workers", "device")
 ATTENTIONS = ("auto", "fused", "eager")
 
 
@@ -294,6 +299,10 @@ def validate(config: Config) -> None:
     _require(data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(data.augmentation in AUGMENTATIONS, "data.augmentation",
              f"must be one of {AUGMENTATIONS}")
+    _require(data.decode in DECODES, "data.decode", f"must be one of {DECODES}")
+    pil = data.augmentation == "pil" or (data.augmentation == "auto" and train.device == "cpu")
+    _require(data.decode == "workers" or not pil, "data.decode",
+             "device needs the batched augmentation (data.augmentation=batched, or auto on a GPU)")
     _require(config.model.attention in ATTENTIONS, "model.attention",
              f"must be one of {ATTENTIONS}")
     _require(data.global_crop_size > 0, "data.global_crop_size", "must be > 0")

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
-from torchvision.transforms import functional as F
 
+from dinolab.data.device_decode import EncodedJpeg, read_image_tensor, read_jpeg_or_image
 from dinolab.data.skipping import CollateWithSkips, Skip, read_or_replace
 from dinolab.data.transforms import MultiCropTransform
 
@@ -85,19 +85,29 @@ class MultiCropDataset(Dataset):
 class DecodedImages(Dataset):
     """(index, epoch) -> (the image as uint8 [C, H, W] (C = 1 for grayscale, else 3), the
     skips it took): the whole work of a loader worker when ``BatchedMultiCrop`` makes the
-    views. Unreadable images are replaced as in ``MultiCropDataset``."""
+    views. Unreadable images are replaced as in ``MultiCropDataset``.
 
-    def __init__(self, images: Dataset, seed: int = 0) -> None:
+    ``encoded_jpegs`` (data.decode=device): a JPEG file comes back undecoded instead, as an
+    ``EncodedJpeg`` that the main process decodes on the training device (data/device_decode.py).
+    """
+
+    def __init__(self, images: Dataset, seed: int = 0, encoded_jpegs: bool = False) -> None:
         self.images = images
         self.seed = seed
+        self.encoded_jpegs = encoded_jpegs
 
     def __len__(self) -> int:
         return len(self.images)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, list[Skip]]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | EncodedJpeg | None,
+                                                         list[Skip]]:
         index, epoch = key
-        image, skipped = read_or_replace(self.images, index, sample_seed(self.seed, epoch, index))
-        return (None if image is None else F.pil_to_tensor(image)), skipped
+        seed = sample_seed(self.seed, epoch, index)
+        read = read_jpeg_or_image if self.encoded_jpegs else read_image_tensor
+        image, skipped = read_or_replace(self.images, index, seed, read)
+        if isinstance(image, EncodedJpeg):  # where the main process goes on if it fails there
+            image = image._replace(seed=seed, tries=len(skipped))
+        return image, skipped
 
 
 def pad_collate(images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,10 +140,12 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 def training_loader(dataset: Dataset, sampler: EpochSampler, batch_per_process: int,
                     num_workers: int, pin_memory: bool) -> DataLoader:
-    """The loader of ``MultiCropDataset`` or ``DecodedImages``: batches of (lists of views, or
-    a padded batch and its sizes; the skipped samples' (path, reason) pairs)."""
-    collate = CollateWithSkips(pad_collate if isinstance(dataset, DecodedImages)
-                                 else default_collate)
+    """The loader of ``MultiCropDataset`` or ``DecodedImages``: batches of (lists of views, a
+    padded batch and its sizes, or a list of encoded and decoded images; the skipped samples'
+    (path, reason) pairs)."""
+    collate = CollateWithSkips(default_collate)
+    if isinstance(dataset, DecodedImages):  # encoded JPEGs: a list, padded once decoded
+        collate = CollateWithSkips(list if dataset.encoded_jpegs else pad_collate)
     # The loader's own generator: a DataLoader otherwise draws worker seeds from the global RNG
     # at every new iterator, which would shift the model's drop-path masks with num_workers.
     return DataLoader(

@@ -10,7 +10,8 @@ samples read failed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +39,28 @@ def read_one(images: Dataset, index: int) -> Image.Image:
                               else type(error).__name__) from None
 
 
-def read_or_replace(images: Dataset, index: int, seed: int) -> tuple[Image.Image | None,
-                                                                     list[Skip]]:
-    """-> (image, the skips it took); image None when MAX_TRIES replacements failed too.
+def candidates(size: int, index: int, seed: int) -> Iterator[int]:
+    """``index``, then up to MAX_TRIES replacement indices drawn from ``seed`` (the sample's own
+    seed: it already mixes run seed, epoch and index). The same sequence wherever it is read,
+    so the main process can go on where a worker stopped (data/device_decode.py)."""
+    yield index
+    generator = torch.Generator().manual_seed(seed ^ 0x5EED)
+    for _ in range(MAX_TRIES):
+        yield int(torch.randint(size, (), generator=generator))
 
-    ``seed`` is the sample's own seed (it already mixes run seed, epoch and index)."""
+
+def read_or_replace(images: Dataset, index: int, seed: int,
+                    read: Callable[[Dataset, int], Any] = read_one,
+                    start: int = 0) -> tuple[Any, list[Skip]]:
+    """-> (``read(images, candidate)`` of the first candidate that reads, the skips it took);
+    None when MAX_TRIES replacements failed too. ``start``: the candidates already tried."""
     skipped: list[Skip] = []
-    generator: torch.Generator | None = None
     size = len(images)  # type: ignore[arg-type]
-    for _ in range(MAX_TRIES + 1):
+    for candidate in itertools.islice(candidates(size, index, seed), start, None):
         try:
-            return read_one(images, index), skipped
+            return read(images, candidate), skipped
         except UnreadableImage as error:
             skipped.append((error.where, error.reason))
-        if generator is None:
-            generator = torch.Generator().manual_seed(seed ^ 0x5EED)
-        index = int(torch.randint(size, (), generator=generator))
     return None, skipped
 
 

@@ -7,6 +7,8 @@ PIL (``MultiCropTransform``), seeded per image by (seed, epoch, index). With ``b
 workers only decode; the padded uint8 batch travels to the training device (pinned, non-blocking
 on CUDA) and ``BatchedMultiCrop`` makes every view there, seeded per micro-batch by
 (seed, epoch, micro-batch position, rank), so a resumed run still draws the same views.
+With ``data.decode=device`` the workers hand JPEG files over undecoded, and ``views`` first
+decodes them on the training device (data/device_decode.py) into the same padded batch.
 Either way each batch also carries the files its workers had to skip; ``views`` hands them to
 the ``SkipLog``, which reports them and stops the run when they are too many.
 """
@@ -22,8 +24,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dinolab.config import Config
+from dinolab.config import Config, ConfigError
 from dinolab.data.batched_augment import BatchedMultiCrop
+from dinolab.data.device_decode import JpegDecoder
 from dinolab.data.images import ImageFiles
 from dinolab.data.loader import (
     DecodedImages,
@@ -48,6 +51,7 @@ class TrainingData:
     seed: int
     skips: SkipLog
     prefetch: bool = False  # data.prefetch_views
+    decode: JpegDecoder | None = None  # data.decode=device: the batches hold undecoded JPEGs
 
     def views(self, batch: Any, device: torch.device, epoch: int,
               micro_batch: int) -> list[torch.Tensor]:
@@ -55,6 +59,9 @@ class TrainingData:
         position of this micro-batch in this process's epoch. Raises DataError when too many
         samples failed to decode."""
         samples, skipped = batch
+        if self.decode is not None and samples is not None:  # data.decode=device
+            samples, decode_skips = self.decode(samples, device)
+            skipped = skipped + decode_skips
         filled = samples is not None
         self.skips.record(len(samples[0]) if filled else 0, skipped, filled)
         if self.augment is None:
@@ -148,9 +155,16 @@ def build_training_data(config: Config, images: Dataset, device: torch.device) -
     if config.train.limit_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.train.limit_steps_per_epoch)
     augment = None
+    decode = None
     dataset: Dataset
-    if resolve_augmentation(config.data.augmentation, device) == "batched":
-        dataset = DecodedImages(images, config.train.seed)
+    augmentation = resolve_augmentation(config.data.augmentation, device)
+    if config.data.decode == "device" and augmentation != "batched":
+        raise ConfigError(f"invalid value for data.decode: device needs the batched "
+                          f"augmentation (data.augmentation={config.data.augmentation} is "
+                          f"{augmentation} on {device.type})")
+    if augmentation == "batched":
+        decode = JpegDecoder(images) if config.data.decode == "device" else None
+        dataset = DecodedImages(images, config.train.seed, encoded_jpegs=decode is not None)
         augment = BatchedMultiCrop(config.data)
     else:
         dataset = MultiCropDataset(images, MultiCropTransform(config.data), config.train.seed)
@@ -161,4 +175,4 @@ def build_training_data(config: Config, images: Dataset, device: torch.device) -
     skips = SkipLog(Path(config.run.dir), where, config.data.max_bad_fraction,
                     sampler.samples_per_process, warn=say, collective=processes > 1)
     return TrainingData(loader, sampler, length, augment, config.train.seed, skips,
-                        config.data.prefetch_views)
+                        config.data.prefetch_views, decode)
