@@ -22,9 +22,11 @@ if [ "$part" = levers ]; then
         ${AUGMENT_BEFORE:+--compare-with "$AUGMENT_BEFORE"} 2>&1 | grep -v -i warn \
         | tee "$out/augmentation_ops.txt"
     bench --batch 128 --modes data --data jpeg --images 2000 --workers 14 --steps 20 --warmup 5 \
-        --augmentation batched,batched+prefetch --json "$out/data.json" | tee "$out/data.txt"
+        --augmentation batched,batched+prefetch,batched+decode,batched+prefetch+decode \
+        --json "$out/data.json" | tee "$out/data.txt"
     bench --batch 128 --modes model,e2e --compile --no-peer --data jpeg --images 2000 \
-        --workers 14 --augmentation batched,batched+prefetch --sync-debug --steps 30 \
+        --workers 14 --augmentation batched,batched+prefetch,batched+decode,batched+prefetch+decode \
+        --sync-debug --steps 30 \
         --warmup 10 --json "$out/e2e_levers.json" | tee "$out/e2e_levers.txt"
     bench --set model.backbone=vit_base_patch16_224 --batch 128 --modes model --compile \
         --no-peer --flops --steps 20 --warmup 5 --json "$out/vit_base.json" \

@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
     parser.add_argument("--modes", default="model,e2e", help="model, e2e, data (comma-separated)")
     parser.add_argument("--augmentation", default="pil,batched",
-                        help="e2e and data: pil, batched and/or batched+prefetch")
+                        help="e2e and data: pil, batched, batched+prefetch, batched+decode, ...")
     parser.add_argument("--workers", type=int, default=1, help="loader workers (e2e)")
     parser.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "jpeg"])
     parser.add_argument("--images", type=int, default=2048, help="generated JPEGs (--data jpeg)")
@@ -155,11 +155,14 @@ def pipeline_views(data: TrainingData, device: torch.device) -> Iterator[list[to
 
 
 def augmentation_overrides(name: str) -> list[str]:
-    """``pil``, ``batched`` or ``batched+prefetch`` -> config overrides."""
-    augmentation, _, prefetch = name.partition("+")
-    if prefetch not in ("", "prefetch"):
+    """``pil`` or ``batched``, with ``+prefetch`` and/or ``+decode`` (data.decode=device) in
+    any order, e.g. ``batched+prefetch+decode`` -> config overrides."""
+    augmentation, *variants = name.split("+")
+    if not set(variants) <= {"prefetch", "decode"} or len(set(variants)) < len(variants):
         raise SystemExit(f"--augmentation: unknown variant {name!r}")
-    return [f"data.augmentation={augmentation}", f"data.prefetch_views={prefetch == 'prefetch'}"]
+    return [f"data.augmentation={augmentation}",
+            f"data.prefetch_views={'prefetch' in variants}",
+            f"data.decode={'device' if 'decode' in variants else 'workers'}"]
 
 
 # ---------------------------------------------------------------------------------- timing
@@ -378,7 +381,10 @@ def data_rows(args: argparse.Namespace, batch: int, scratch: Path) -> list[Row]:
         rows.append(measure(f"pipeline ({augmentation})", "data", lambda views: None, batches,
                             batch, args, device))
         if data.augment is not None:
-            (decoded, sizes), _ = next(iter(data.loader))  # (batch, skipped files)
+            samples, _ = next(iter(data.loader))  # (batch, skipped files)
+            if data.decode is not None:  # data.decode=device: JPEGs still undecoded
+                samples, _ = data.decode(samples, device)
+            decoded, sizes = samples
             decoded = decoded.to(device)
             generator = torch.Generator().manual_seed(0)
             augment_once = functools.partial(data.augment, decoded, sizes, generator)

@@ -34,3 +34,24 @@ def test_throughput_benchmark_runs_every_mode(fashion_root: Path, tmp_path: Path
     assert ("model", "swap: fused/eager attention") in names
     assert all(row["images_per_second"] > 0 for row in table["rows"])
     assert all(row["tflops"] > 0 for row in table["rows"] if row["mode"] == "model")
+
+
+def test_throughput_benchmark_decodes_jpegs_on_the_device(tmp_path: Path) -> None:
+    """--data jpeg with +decode (data.decode=device; on the CPU here), both modes that read the
+    pipeline: a few seconds."""
+    output = tmp_path / "table.json"
+    throughput.main([
+        "--preset", "demo", "--set", "model.head.out_dim=64",
+        "--set", "model.backbone_kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
+        "--set", "data.num_local_crops=2",
+        "--data", "jpeg", "--images", "8", "--batch", "4", "--precision", "fp32",
+        "--workers", "0", "--modes", "e2e,data", "--no-peer",
+        "--augmentation", "batched+decode,batched+prefetch+decode",
+        "--steps", "1", "--warmup", "1", "--json", str(output),
+    ])
+    names = [(row["mode"], row["name"]) for row in json.loads(output.read_text())["rows"]]
+    assert ("e2e", "dinolab (batched+decode)") in names
+    assert ("data", "pipeline (batched+prefetch+decode)") in names
+    assert ("data", "augmentation alone") in names
+    assert throughput.augmentation_overrides("batched+decode+prefetch") == [
+        "data.augmentation=batched", "data.prefetch_views=True", "data.decode=device"]
