@@ -22,6 +22,7 @@ from torchvision.transforms import functional as TF
 
 from dinolab.config import DataConfig
 from dinolab.data import batched_augment as batched
+from dinolab.data import batched_operations as operations
 from dinolab.data import transforms
 from dinolab.data.loader import pad_collate
 
@@ -220,7 +221,7 @@ def test_colour_operations_equal_torchvision_per_image(name: str) -> None:
         factors = torch.tensor([-0.5, -0.1, 0.0, 0.07, 0.5])
     else:
         factors = torch.tensor([0.0, 0.6, 1.0, 1.3, 2.0])
-    ours = getattr(batched, f"adjust_{name}")(images, factors)
+    ours = getattr(operations, f"adjust_{name}")(images, factors)
     theirs = torch.stack([getattr(TF, f"adjust_{name}")(image, float(factor))
                           for image, factor in zip(images, factors, strict=True)])
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
@@ -229,7 +230,7 @@ def test_colour_operations_equal_torchvision_per_image(name: str) -> None:
 def test_contrast_of_one_channel_images_equals_torchvision() -> None:
     images = _images(channels=1)
     factors = torch.tensor([0.5, 0.8, 1.0, 1.2, 1.4])
-    ours = batched.adjust_contrast(images, factors)
+    ours = operations.adjust_contrast(images, factors)
     theirs = torch.stack([TF.adjust_contrast(image, float(factor))
                           for image, factor in zip(images, factors, strict=True)])
     torch.testing.assert_close(ours, theirs)
@@ -237,13 +238,13 @@ def test_contrast_of_one_channel_images_equals_torchvision() -> None:
 
 def test_grayscale_equals_torchvision() -> None:
     images = _images()
-    torch.testing.assert_close(batched.grayscale(images), TF.rgb_to_grayscale(images))
+    torch.testing.assert_close(operations.grayscale(images), TF.rgb_to_grayscale(images))
 
 
 def test_blur_equals_torchvision_per_image() -> None:
     images = _images(size=16)
     sigma = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0])
-    ours = batched.gaussian_blur(images, sigma, max_sigma=2.0)
+    ours = operations.gaussian_blur(images, sigma, max_sigma=2.0)
     theirs = torch.stack([TF.gaussian_blur(image, kernel_size=[13, 13], sigma=[float(s)] * 2)
                           for image, s in zip(images, sigma, strict=True)])
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
@@ -252,9 +253,9 @@ def test_blur_equals_torchvision_per_image() -> None:
 def test_the_gpus_depthwise_blur_equals_the_shifted_sums() -> None:
     """CUDA blurs with a depthwise convolution, CPUs with shifted sums: the same numbers."""
     images = _images(count=6, size=20)
-    kernels = batched.gaussian_kernels(torch.tensor([0.1, 0.4, 0.9, 1.3, 1.7, 2.0]), radius=6)
-    torch.testing.assert_close(batched._blur_depthwise(images, kernels),
-                               batched._blur_with_kernels(images, kernels), rtol=1e-5, atol=1e-6)
+    kernels = operations.gaussian_kernels(torch.tensor([0.1, 0.4, 0.9, 1.3, 1.7, 2.0]), radius=6)
+    torch.testing.assert_close(operations.blur_depthwise(images, kernels),
+                               operations.blur_with_kernels(images, kernels), rtol=1e-5, atol=1e-6)
 
 
 def test_crop_of_its_own_size_is_the_exact_pixels_and_padding_is_never_read() -> None:
@@ -284,17 +285,17 @@ def _reference_view(image: torch.Tensor, parameters: batched.ViewParameters, row
     """One view made with torchvision's functional operations, in the documented order."""
     view = TF.hflip(image) if parameters.flip[row] else image
     if parameters.jitter[row]:
-        operations = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation,
-                      TF.adjust_hue]
+        jitter = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation,
+                  TF.adjust_hue]
         for index in parameters.order[row].tolist():
-            view = operations[index](view, float(parameters.factors[row, index]))
+            view = jitter[index](view, float(parameters.factors[row, index]))
     if parameters.grayscale[row] and view.shape[0] == 3:
         view = TF.rgb_to_grayscale(view, num_output_channels=3)
     if parameters.blur[row]:
         sigma = float(parameters.sigma[row])
         view = TF.gaussian_blur(view, [kernel_size, kernel_size], [sigma, sigma])
     if parameters.solarize[row]:
-        view = TF.solarize(view, batched._SOLARIZE_THRESHOLD)
+        view = TF.solarize(view, operations.SOLARIZE_THRESHOLD)
     return view
 
 

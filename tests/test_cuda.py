@@ -43,6 +43,19 @@ def test_batched_augmentation_on_cuda_equals_the_cpu() -> None:
         torch.testing.assert_close(cuda_view.cpu(), cpu_view, rtol=1e-4, atol=1e-4)
 
 
+def test_compiled_batched_augmentation_on_cuda_equals_the_eager_cpu() -> None:
+    """train.compile on CUDA: the compiled all-rows augmentation gives the CPU's eager views."""
+    config = load_config("imagenet_vit_small", ["data.global_crop_size=64",
+                                                "data.local_crop_size=32"]).data
+    images, sizes = _rgb_images(32)
+    on_cpu = batched.BatchedMultiCrop(config)(images, sizes, torch.Generator().manual_seed(0))
+    compiled = batched.BatchedMultiCrop(config, compile=True)
+    compiled(images.to(CUDA), sizes, torch.Generator().manual_seed(1))  # compiles
+    on_cuda = compiled(images.to(CUDA), sizes, torch.Generator().manual_seed(0))
+    for cpu_view, cuda_view in zip(on_cpu, on_cuda, strict=True):
+        torch.testing.assert_close(cuda_view.cpu(), cpu_view, rtol=1e-4, atol=1e-4)
+
+
 def _folder_config(tmp_path: Path, *extra: str) -> Config:
     folder = tmp_path / "images"
     if not folder.is_dir():

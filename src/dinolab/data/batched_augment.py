@@ -32,14 +32,19 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from torch.nn import functional as F
 from torchvision.ops import roi_align
 
 from dinolab.config import DataConfig
+from dinolab.data.batched_operations import (
+    SOLARIZE_THRESHOLD,
+    adjust_hue,
+    blend_rows,
+    blur_radius,
+    blur_with_kernels,
+    gaussian_kernels,
+    grayscale,
+)
 from dinolab.data.transforms import view_specs
-
-_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision and PIL
-_SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize(threshold=128) on 8-bit values
 
 
 @dataclass
@@ -175,7 +180,7 @@ class BatchedMultiCrop:
         """
         make_plan = _plan if self.compiled is None else _plan_all_rows
         plan = make_plan(parameters, images.shape[0], images.shape[1],
-                         _blur_radius(size, max(self.config.blur_sigma)))
+                         blur_radius(size, max(self.config.blur_sigma)))
         on = _to_device(plan, images.device)
         # Eager: the canvas's size changes from batch to batch, the views' does not.
         views = roi_align(images, on["boxes"], (size, size), sampling_ratio=0, aligned=True)
@@ -184,16 +189,16 @@ class BatchedMultiCrop:
         views = _update_rows(views, on.get("flip_rows"), lambda x: x.flip(-1))
         for position in range(4):  # colour jitter: each row's own order of the four operations
             if f"blend_{position}" in on:
-                views = _blend(views, on[f"blend_{position}"])
+                views = blend_rows(views, on[f"blend_{position}"])
             if f"hue_rows_{position}" in on:
                 views = _update_rows(views, on[f"hue_rows_{position}"],
                                      partial(adjust_hue, shift=on[f"hue_shift_{position}"]))
         views = _update_rows(views, on.get("grayscale_rows"),
                              lambda x: grayscale(x).expand_as(x))
         views = _update_rows(views, on.get("blur_rows"),
-                             lambda x: _blur_with_kernels(x, on["blur_kernels"]))
+                             lambda x: blur_with_kernels(x, on["blur_kernels"]))
         return _update_rows(views, on.get("solarize_rows"), lambda x: torch.where(
-            x >= _SOLARIZE_THRESHOLD, 1 - x, x))
+            x >= SOLARIZE_THRESHOLD, 1 - x, x))
 
 
 def _boxes(parameters: ViewParameters, batch: int) -> torch.Tensor:
@@ -303,14 +308,14 @@ def augment_all_rows(views: torch.Tensor, flags: torch.Tensor, blend: torch.Tens
     views = torch.where(chosen(flags[:, 0]), views.flip(-1), views)
     colour = views.shape[1] == 3
     for position in range(4):
-        views = _blend(views, blend[position])
+        views = blend_rows(views, blend[position])
         if colour:
             views = torch.where(chosen(hue[position, :, 0]),
                                 adjust_hue(views, hue[position, :, 1]), views)
     if colour:
         views = torch.where(chosen(flags[:, 1]), grayscale(views).expand_as(views), views)
-    views = _blur_with_kernels(views, blur_kernels)
-    return torch.where(chosen(flags[:, 2]) & (views >= _SOLARIZE_THRESHOLD), 1 - views, views)
+    views = blur_with_kernels(views, blur_kernels)
+    return torch.where(chosen(flags[:, 2]) & (views >= SOLARIZE_THRESHOLD), 1 - views, views)
 
 
 def _update_rows(views: torch.Tensor, rows: torch.Tensor | None,
@@ -322,15 +327,6 @@ def _update_rows(views: torch.Tensor, rows: torch.Tensor | None,
     return views.index_copy_(0, rows, operation(views.index_select(0, rows)))
 
 
-def _blend(views: torch.Tensor, blend: torch.Tensor) -> torch.Tensor:
-    """One jitter position's brightness, contrast and saturation: ``blend`` [N, 3] holds each
-    row's (factor, luma weight, mean-luma weight); torchvision's ``_blend`` formula."""
-    factor, luma_weight, mean_weight = (column[:, None, None, None] for column in blend.unbind(1))
-    luma = grayscale(views) if views.shape[1] == 3 else views
-    other = torch.addcmul(mean_weight * luma.mean(dim=(1, 2, 3), keepdim=True), luma_weight, luma)
-    return torch.lerp(other, views, factor).clamp_(0, 1)
-
-
 def _resolution_runs(sizes: list[int]) -> list[tuple[int, int]]:
     """[224, 224, 96, 96, 96] -> [(224, 2), (96, 3)]: consecutive views of one size."""
     runs: list[tuple[int, int]] = []
@@ -340,106 +336,3 @@ def _resolution_runs(sizes: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((size, 1))
     return runs
-
-
-def grayscale(views: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] -> [N, 1, H, W] luma."""
-    red, green, blue = views.unbind(1)
-    weights = _GRAY_WEIGHTS
-    return (weights[0] * red + weights[1] * green + weights[2] * blue).unsqueeze(1)
-
-
-def _mix(views: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    factor = factor[:, None, None, None]
-    return (factor * views + (1 - factor) * other).clamp_(0, 1)
-
-
-def adjust_brightness(views: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (views * factor[:, None, None, None]).clamp_(0, 1)
-
-
-def adjust_contrast(views: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    luma = grayscale(views) if views.shape[1] == 3 else views
-    return _mix(views, luma.mean(dim=(1, 2, 3), keepdim=True), factor)
-
-
-def adjust_saturation(views: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _mix(views, grayscale(views), factor)
-
-
-def adjust_hue(views: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of [N, 3, H, W] by ``shift`` [N] turns: RGB -> HSV -> RGB as torchvision,
-    with the closed form of the way back (channel = V - V S clamp(min(k, 4 - k), 0, 1) with
-    k = (5, 3 or 1 for R, G, B) + 6 H, mod 6): a few whole-tensor kernels, no gather over six
-    cases.
-    """
-    value, brightest = views.max(dim=1, keepdim=True)
-    chroma = value - views.amin(dim=1, keepdim=True)
-    gray = chroma == 0
-    # Hue in sixths: for the brightest channel c, 2c + (next channel - the one after) / chroma.
-    # On ties the first brightest channel is taken; the formulas agree there.
-    difference = views.roll(-1, dims=1) - views.roll(-2, dims=1)
-    sixths = difference.gather(1, brightest) / torch.where(gray, 1.0, chroma) + 2 * brightest
-    hue = torch.where(gray, 0.0, sixths / 6).add_(1).remainder_(1)
-    hue = hue.add_(shift[:, None, None, None]).remainder_(1)
-    sectors = torch.arange(5, 0, -2, device=views.device, dtype=views.dtype)  # 5, 3, 1
-    k = torch.add(sectors[None, :, None, None], hue, alpha=6).remainder_(6)
-    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
-    return torch.addcmul(value, chroma, ramp, value=-1).clamp_(0, 1)  # chroma = S * V
-
-
-def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """[N] sigmas -> [N, 2 * radius + 1] normalised 1-D Gaussian kernels."""
-    offsets = torch.arange(-radius, radius + 1, dtype=sigma.dtype)
-    kernel = torch.exp(-0.5 * (offsets[None, :] / sigma[:, None]) ** 2)
-    return kernel / kernel.sum(dim=1, keepdim=True)
-
-
-def _blur_radius(size: int, max_sigma: float) -> int:
-    """3 sigma of the largest configured sigma, kept below the view's size (reflect padding)."""
-    return max(1, min(math.ceil(3 * max_sigma), size - 1))
-
-
-def gaussian_blur(views: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of square [N, C, S, S] with one ``sigma`` [N] per row; the kernel
-    spans 3 sigma of the largest configured sigma, reflect padding (as torchvision's tensor
-    blur)."""
-    radius = _blur_radius(views.shape[-1], max_sigma)
-    return _blur_with_kernels(views, gaussian_kernels(sigma, radius).to(views))
-
-
-def _blur_with_kernels(views: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] blurred along both axes with ``kernels`` [N, k], one per row (reflect
-    padding).
-
-    One kernel per row rules out a plain convolution. On CUDA it is a depthwise convolution
-    with N * C groups (two kernels per axis); on CPUs, where such a convolution is slow, a
-    weighted sum of shifted copies (one fused multiply-add per tap).
-    """
-    if views.is_cuda:
-        return _blur_depthwise(views, kernels)
-    radius = kernels.shape[1] // 2
-    weights = kernels[:, :, None, None, None]  # [N, k, 1, 1, 1]
-    height, width = views.shape[-2:]
-    padded = F.pad(views, (0, 0, radius, radius), mode="reflect")
-    views = weights[:, 0] * padded[:, :, :height]
-    for j in range(1, 2 * radius + 1):
-        views.addcmul_(weights[:, j], padded[:, :, j: j + height])
-    padded = F.pad(views, (radius, radius, 0, 0), mode="reflect")
-    views = weights[:, 0] * padded[..., :width]
-    for j in range(1, 2 * radius + 1):
-        views.addcmul_(weights[:, j], padded[..., j: j + width])
-    return views
-
-
-def _blur_depthwise(views: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """``_blur_with_kernels`` as two depthwise convolutions over [1, N * C, H, W]."""
-    count, channels, height, width = views.shape
-    radius = kernels.shape[1] // 2
-    weights = kernels.repeat_interleave(channels, dim=0)  # [N * C, k]: a row's kernel per channel
-    flat = views.reshape(1, count * channels, height, width)
-    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"),
-                    weights[:, None, :, None], groups=count * channels)
-    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"),
-                    weights[:, None, None, :], groups=count * channels)
-    return flat.view(count, channels, height, width)

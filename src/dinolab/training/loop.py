@@ -47,7 +47,7 @@ from dinolab.visualization.monitor import log_attention_maps
 
 # Keys that may differ when a run folder is resumed: where it runs and how it reports.
 RESUMABLE_CHANGES = ("run.", "data.num_workers", "data.root", "data.download",
-                     "data.max_bad_fraction", "eval.",
+                     "data.max_bad_fraction", "data.prefetch_views", "data.decode", "eval.",
                      "train.device", "train.compile")
 
 

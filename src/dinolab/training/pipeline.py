@@ -165,7 +165,8 @@ def build_training_data(config: Config, images: Dataset, device: torch.device) -
     if augmentation == "batched":
         decode = JpegDecoder(images) if config.data.decode == "device" else None
         dataset = DecodedImages(images, config.train.seed, encoded_jpegs=decode is not None)
-        augment = BatchedMultiCrop(config.data)
+        augment = BatchedMultiCrop(  # compiled on GPUs only: on CPUs it is slower (LOG.md)
+            config.data, compile=config.train.compile and device.type == "cuda")
     else:
         dataset = MultiCropDataset(images, MultiCropTransform(config.data), config.train.seed)
     loader = training_loader(dataset, sampler, micro_batch, config.data.num_workers,
