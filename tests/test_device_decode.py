@@ -226,9 +226,14 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_the_workers_run(
 
 def test_device_decode_needs_the_batched_augmentation(photos: tuple[Path, list[Path]],
                                                       tmp_path: Path) -> None:
-    """auto is pil on a CPU: a run on train.device=auto finds out once the device is known."""
+    """auto is pil on a CPU: a run on train.device=auto finds out once the device is known,
+    before it writes anything (a corrected rerun must not meet a saved config)."""
     root, _ = photos
     config = _config(root, tmp_path / "run", "device", "data.augmentation=auto",
                      "train.device=auto")
     with pytest.raises(ConfigError, match=r"^invalid value for data.decode: .*pil on cpu\)$"):
         build_training_data(config, build_sources(config.data).train, CPU)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^invalid value for data.decode"):
+            loop.train(config)
+        assert not (tmp_path / "run").exists()

@@ -39,7 +39,7 @@ from dinolab.training.checkpoint import (
 from dinolab.training.collapse import CollapseDetector
 from dinolab.training.monitor import Metrics, last_knn, progress_bar, say
 from dinolab.training.nonfinite import LEVERS, FiniteWatch, NonFiniteLoss, state_is_finite
-from dinolab.training.pipeline import TrainingData, build_training_data
+from dinolab.training.pipeline import TrainingData, build_training_data, check_for_device
 from dinolab.training.preemption import RunStopped, StopControl
 from dinolab.training.state import TrainingState, build_state, resolve_device
 from dinolab.training.step import StepValues, train_step
@@ -354,6 +354,7 @@ def _train(config: Config, dataset: Dataset | None, started: float) -> TrainResu
     num_images = len(sources.train)  # type: ignore[arg-type]
     _check_batch(config, num_images)
     state = build_state(config)  # before the run folder: a bad backbone leaves nothing behind
+    check_for_device(config, state.device)
     run_dir = prepare_run_dir(config)
     _resume(state, run_dir)
     data = build_training_data(config, sources.train, state.device)

@@ -145,6 +145,17 @@ def resolve_augmentation(name: str, device: torch.device) -> str:
     return name
 
 
+def check_for_device(config: Config, device: torch.device) -> str:
+    """The data settings that only the training device can judge -> the augmentation used.
+    Raises ConfigError (train calls this before it writes anything)."""
+    augmentation = resolve_augmentation(config.data.augmentation, device)
+    if config.data.decode == "device" and augmentation != "batched":
+        raise ConfigError(f"invalid value for data.decode: device needs the batched "
+                          f"augmentation (data.augmentation={config.data.augmentation} is "
+                          f"{augmentation} on {device.type})")
+    return augmentation
+
+
 def build_training_data(config: Config, images: Dataset, device: torch.device) -> TrainingData:
     processes = world_size()
     batch_per_process = config.train.batch_size // processes
@@ -157,11 +168,7 @@ def build_training_data(config: Config, images: Dataset, device: torch.device) -
     augment = None
     decode = None
     dataset: Dataset
-    augmentation = resolve_augmentation(config.data.augmentation, device)
-    if config.data.decode == "device" and augmentation != "batched":
-        raise ConfigError(f"invalid value for data.decode: device needs the batched "
-                          f"augmentation (data.augmentation={config.data.augmentation} is "
-                          f"{augmentation} on {device.type})")
+    augmentation = check_for_device(config, device)
     if augmentation == "batched":
         decode = JpegDecoder(images) if config.data.decode == "device" else None
         dataset = DecodedImages(images, config.train.seed, encoded_jpegs=decode is not None)
