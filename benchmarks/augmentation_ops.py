@@ -6,11 +6,13 @@ figure that any machine can measure. Three workloads:
   fashion   128 Fashion-MNIST-sized images (1 x 28 x 28), the demo's crops (2 x 28 + 6 x 14)
   rgb32     128 RGB 32 x 32 images, the demo's crops
   imagenet  32 RGB images of 256-400 px, the reference crops (2 x 224 + 8 x 96)
-``--compare-with FILE`` loads another version of data/batched_augment.py (for example
-``git show REV:src/dinolab/data/batched_augment.py > old.py``) and measures both, interleaved.
+``--all-rows`` adds the all-rows formulation (eager, and compiled as train.compile runs it on
+GPUs); ``--compare-with FILE`` loads another version of data/batched_augment.py (for example
+``git show REV:src/dinolab/data/batched_augment.py > old.py``). Variants run interleaved; the
+last column compares each with the default eager path.
 
   python benchmarks/augmentation_ops.py
-  python benchmarks/augmentation_ops.py --compare-with old.py --device cuda
+  python benchmarks/augmentation_ops.py --all-rows --compare-with old.py --device cuda
 """
 
 from __future__ import annotations
@@ -85,41 +87,48 @@ def seconds_per_batch(augment: Any, images: torch.Tensor, sizes: torch.Tensor,
     return best
 
 
+def variants(config: DataConfig, args: argparse.Namespace) -> dict[str, Any]:
+    augments: dict[str, Any] = {"rows": batched_augment.BatchedMultiCrop(config)}
+    if args.all_rows:
+        eager = batched_augment.BatchedMultiCrop(config)
+        eager.compiled = batched_augment.augment_all_rows  # the formulation, uncompiled
+        augments["all-rows"] = eager
+        augments["all-rows compiled"] = batched_augment.BatchedMultiCrop(config, compile=True)
+    if args.compare_with:
+        augments["other"] = load_module(args.compare_with).BatchedMultiCrop(config)
+    return augments
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=5, help="timed calls; the best is shown")
+    parser.add_argument("--all-rows", action="store_true", help="also the all-rows paths")
     parser.add_argument("--compare-with", type=Path, help="another batched_augment.py")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    versions: dict[str, ModuleType] = {"this": batched_augment}
-    if args.compare_with:
-        versions["other"] = load_module(args.compare_with)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'workload':9s} {'variant':18s} {'ms/batch':>9s} {'kernels':>8s}   time vs rows  "
+          "largest difference")
     for name in args.workloads.split(","):
         config, images, sizes = workload(name, device)
-        augments = {key: module.BatchedMultiCrop(config) for key, module in versions.items()}
+        augments = variants(config, args)
         kernels, outputs = {}, {}
         for key, augment in augments.items():
             outputs[key] = augment(images, sizes, torch.Generator().manual_seed(0))  # warm-up
-            with KernelCount() as counter:
+            with KernelCount() as counter:  # compiled code runs no operations to count
                 augment(images, sizes, torch.Generator().manual_seed(1))
-            kernels[key] = counter.count
+            kernels[key] = "-" if key.endswith("compiled") else str(counter.count)
         times: dict[str, list[float]] = collections.defaultdict(list)
-        for _ in range(args.repeat):  # interleaved, so that both see the same machine load
+        for _ in range(args.repeat):  # interleaved, so that all see the same machine load
             for key, augment in augments.items():
                 times[key].append(seconds_per_batch(augment, images, sizes, 1))
-        line = [f"{name:9s}"]
         for key in augments:
-            line.append(f"{key}: {min(times[key]) * 1000:8.1f} ms/batch, {kernels[key]:4d} "
-                        "kernels on image data")
-        if "other" in augments:
             difference = max((a - b).abs().max().item()
-                             for a, b in zip(outputs["this"], outputs["other"], strict=True))
-            line.append(f"other/this time {min(times['other']) / min(times['this']):.2f}x, "
-                        f"largest difference {difference:.1e}")
-        print("  ".join(line), flush=True)
+                             for a, b in zip(outputs[key], outputs["rows"], strict=True))
+            print(f"{name:9s} {key:18s} {min(times[key]) * 1000:9.1f} {kernels[key]:>8s}  "
+                  f"{min(times[key]) / min(times['rows']):11.2f}x  {difference:.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 if [ "$part" = levers ]; then
     python3 -m pytest -q -p no:warnings tests/test_cuda.py 2>&1 | tail -5 | tee "$out/cuda_tests.txt"
     # AUGMENT_BEFORE: an older batched_augment.py to compare with (git show REV:path > file)
-    python3 benchmarks/augmentation_ops.py --device cuda --repeat 20 \
+    python3 benchmarks/augmentation_ops.py --device cuda --repeat 20 --all-rows \
         ${AUGMENT_BEFORE:+--compare-with "$AUGMENT_BEFORE"} 2>&1 | grep -v -i warn \
         | tee "$out/augmentation_ops.txt"
     bench --batch 128 --modes data --data jpeg --images 2000 --workers 14 --steps 20 --warmup 5 \

@@ -55,3 +55,14 @@ def test_throughput_benchmark_decodes_jpegs_on_the_device(tmp_path: Path) -> Non
     assert ("data", "augmentation alone") in names
     assert throughput.augmentation_overrides("batched+decode+prefetch") == [
         "data.augmentation=batched", "data.prefetch_views=True", "data.decode=device"]
+
+
+def test_augmentation_ops_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """Smoke test: one workload, one call; the kernels on image data are counted."""
+    import augmentation_ops
+
+    augmentation_ops.main(["--workloads", "fashion", "--repeat", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("fashion")]
+    assert [row[1] for row in rows] == ["rows"]
+    assert float(rows[0][2]) > 0 and int(rows[0][3]) > 0
