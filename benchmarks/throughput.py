@@ -71,6 +71,7 @@ class Row:
     tflops: float | None = None
     mfu: float | None = None
     host_syncs_per_step: float | None = None
+    device_busy: float | None = None  # --profile, CUDA: kernel time / wall time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="loader workers (e2e)")
     parser.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "jpeg"])
     parser.add_argument("--images", type=int, default=2048, help="generated JPEGs (--data jpeg)")
+    parser.add_argument("--jpeg-dir", type=Path,
+                        help="--data jpeg: keep the generated JPEGs here, for the next call")
     parser.add_argument("--no-peer", action="store_true", help="skip the lightly peer")
     parser.add_argument("--switches", action="store_true", help="model mode: each piece off")
     parser.add_argument("--flops", action="store_true", help="count FLOPs, report MFU")
@@ -94,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--sync-debug", action="store_true",
                         help="CUDA: count the host syncs torch reports in the timed steps")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after each figure, profile this many steps: the top operations, "
+                             "and on CUDA how busy the device was")
     parser.add_argument("--json", type=Path, help="also write the table here")
     return parser.parse_args(argv)
 
@@ -123,8 +129,8 @@ def write_jpegs(folder: Path, count: int, seed: int = 0) -> None:
 
 def training_images(args: argparse.Namespace, config: Config, scratch: Path) -> Dataset:
     if args.data == "jpeg":
-        folder = scratch / "jpeg"
-        if not folder.is_dir():
+        folder = args.jpeg_dir or scratch / "jpeg"
+        if len(list(folder.glob("*.jpg"))) != args.images:
             write_jpegs(folder, args.images)
         return build_sources(load_config(args.preset, [f"data.root={folder}",
                                                        "data.source=folder"]).data).train
@@ -203,7 +209,35 @@ def measure(name: str, mode: str, step: Callable[[Any], Any], batches: Iterator[
                     None) if device.type == "cuda" else None
         row.mfu = row.tflops / peak if peak else None
     print(format_row(row), flush=True)
+    if args.profile:
+        row.device_busy = profile_steps(step, batches, args.profile, device)
     return row
+
+
+def profile_steps(step: Callable[[Any], Any], batches: Iterator[Any], steps: int,
+                  device: torch.device) -> float | None:
+    """Profile ``steps`` more steps: print the operations that take the most time, and on CUDA
+    -> the fraction of the wall time that kernels kept the device busy (low: the step waits on
+    the host, on launches, data or syncs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    synchronize(device)
+    with profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(next(batches))
+        synchronize(device)
+        wall = time.perf_counter() - start
+    events = profiler.key_averages()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(events.table(sort_by=sort_by, row_limit=15, max_name_column_width=60))
+    if device.type != "cuda":
+        return None
+    busy = sum(event.self_device_time_total for event in events) / 1e6 / wall
+    print(f"    device busy {busy:.0%} of {wall / steps * 1000:.1f} ms per profiled step")
+    return busy
 
 
 @contextlib.contextmanager

@@ -36,9 +36,10 @@ def test_throughput_benchmark_runs_every_mode(fashion_root: Path, tmp_path: Path
     assert all(row["tflops"] > 0 for row in table["rows"] if row["mode"] == "model")
 
 
-def test_throughput_benchmark_decodes_jpegs_on_the_device(tmp_path: Path) -> None:
+def test_throughput_benchmark_decodes_jpegs_on_the_device(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--data jpeg with +decode (data.decode=device; on the CPU here), both modes that read the
-    pipeline: a few seconds."""
+    pipeline, and a profile of each: a few seconds."""
     output = tmp_path / "table.json"
     throughput.main([
         "--preset", "demo", "--set", "model.head.out_dim=64",
@@ -47,10 +48,13 @@ def test_throughput_benchmark_decodes_jpegs_on_the_device(tmp_path: Path) -> Non
         "--data", "jpeg", "--images", "8", "--batch", "4", "--precision", "fp32",
         "--workers", "0", "--modes", "e2e,data", "--no-peer",
         "--augmentation", "batched+decode,batched+prefetch+decode",
-        "--steps", "1", "--warmup", "1", "--json", str(output),
+        "--steps", "1", "--warmup", "1", "--profile", "1", "--jpeg-dir", str(tmp_path / "jpeg"),
+        "--json", str(output),
     ])
     names = [(row["mode"], row["name"]) for row in json.loads(output.read_text())["rows"]]
     assert ("e2e", "dinolab (batched+decode)") in names
+    assert len(list((tmp_path / "jpeg").glob("*.jpg"))) == 8  # kept for the next call
+    assert "Self CPU time total" in capsys.readouterr().out  # --profile's table
     assert ("data", "pipeline (batched+prefetch+decode)") in names
     assert ("data", "augmentation alone") in names
     assert throughput.augmentation_overrides("batched+decode+prefetch") == [
