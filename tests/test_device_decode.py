@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.io
 from conftest import global_torch_state_kept, tiny_overrides
 from PIL import Image
 from test_resume import assert_same_training_state
 
 from dinolab.config import Config, ConfigError, load_config
-from dinolab.data import device_decode
 from dinolab.data.datasets import build_sources
 from dinolab.data.device_decode import EncodedJpeg, JpegDecoder, read_jpeg
 from dinolab.data.images import ImageFiles, decode_image
@@ -166,14 +166,14 @@ def test_a_file_the_device_cannot_decode_is_decoded_with_pil_or_skipped(
     jpegs = [read_jpeg(files.paths[index], index) for index in chosen]
     assert all(jpeg is not None for jpeg in jpegs)
     unsupported = jpegs[1].data  # type: ignore[union-attr]
-    real_decode = device_decode.decode_jpeg
+    real_decode = torchvision.io.decode_jpeg
 
     def no_batches_and_not_that_file(data, **options):  # type: ignore[no-untyped-def]
         if isinstance(data, list) or data is unsupported:
             raise RuntimeError("the device cannot")
         return real_decode(data, **options)
 
-    monkeypatch.setattr(device_decode, "decode_jpeg", no_batches_and_not_that_file)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", no_batches_and_not_that_file)
     broken = chosen[2]
     seed = next(seed for seed in range(100)  # a seed whose first replacement is a whole file
                 if _first_replacement(files, broken, seed).stem.startswith(("colour", "gray")))

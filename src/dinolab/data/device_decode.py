@@ -25,7 +25,6 @@ from typing import NamedTuple
 import torch
 from PIL import ExifTags, Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
 from dinolab.data.images import DECODE_ERRORS, ImageFiles
@@ -116,6 +115,10 @@ def _decode_on_device(jpegs: list[EncodedJpeg], device: torch.device,
     One batched call; when it raises, one call per file, so one bad file costs only itself."""
     if not jpegs:
         return []
+    # Imported here: torchvision 0.29 deprecates its decoders in favour of TorchCodec, and a
+    # torchvision without them must break only data.decode=device, not every import.
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     data = [jpeg.data for jpeg in jpegs]
     try:
         decoded: list[torch.Tensor | None] = list(
@@ -127,6 +130,8 @@ def _decode_on_device(jpegs: list[EncodedJpeg], device: torch.device,
 
 
 def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)  # type: ignore[return-value]
     except RuntimeError:
