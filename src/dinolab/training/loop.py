@@ -261,7 +261,8 @@ def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> Epoc
             images_per_second = config.run.log_every_steps * config.train.batch_size / elapsed
             loss_value = _log_step(state, run, loss, values, images_per_second, skipped)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{values.lr:.2e}",
-                            img_s=f"{images_per_second:.0f}", **data.progress())
+                            img_s=f"{images_per_second:.0f}",
+                            **({"skipped": skipped} if skipped else {}))  # all processes
         if done + steps >= length.steps_per_epoch:
             break  # the epoch's end saves, and stops there if asked to
         decision = run.control.poll(sync_point=log_step)

@@ -89,10 +89,6 @@ class TrainingData:
         for views in _one_ahead(launched) if prefetch else launched:
             yield streams.hand_over(views)
 
-    def progress(self) -> dict[str, int]:
-        """Extra progress-bar fields: the skipped samples, once there are any."""
-        return {"skipped": self.skips.failed} if self.skips.failed else {}
-
 
 Launched = tuple[list[torch.Tensor], Any]  # views, and the event that marks them ready
 
