@@ -59,13 +59,15 @@ def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
 
 @contextlib.contextmanager
 def global_torch_state_kept() -> Iterator[None]:
-    """Put back what train() changes globally: the deterministic-algorithms switch and the RNG,
-    so that a test training in-process leaves the next tests as it found them."""
+    """Put back what train() changes globally: the deterministic-algorithms switches and the
+    RNG, so that a test training in-process leaves the next tests as it found them."""
     deterministic, rng = torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
+    fill = torch.utils.deterministic.fill_uninitialized_memory  # type: ignore[attr-defined]
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = fill  # type: ignore[attr-defined]
         torch.set_rng_state(rng)
 
 
