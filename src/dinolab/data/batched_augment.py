@@ -19,7 +19,8 @@ applied on the images' device:
 Two ways to apply them, with the same results: eagerly, each operation on only the rows that
 need it (fewer operations, the default); or, with train.compile, every operation on every row
 selected by ``where`` (``augment_all_rows``: fixed shapes that ``torch.compile`` fuses into a few
-kernels, for GPUs, where the eager path's cost is launching about 190 kernels per group).
+kernels, for GPUs, where the eager path's cost is likely the launch of its ~190 kernels per
+resolution group; not yet measured there).
 
 Shapes: B images, C channels (1 or 3), V views, N = V_group * B rows of one resolution group.
 """
