@@ -300,8 +300,8 @@ def augment_all_rows(views: torch.Tensor, flags: torch.Tensor, blend: torch.Tens
     tensors; ``flags`` [N, 3]: flip, grayscale, solarize), selecting with ``where``.
 
     More arithmetic than the row-selecting path, but fixed shapes and no indexing: under
-    ``torch.compile`` it becomes a handful of fused kernels, where the eager path launches
-    about 190 per resolution group (what a GPU step pays for in launch time).
+    ``torch.compile`` it can become a handful of fused kernels, where the eager path launches
+    about 190 per resolution group.
     """
     def chosen(column: torch.Tensor) -> torch.Tensor:
         return column[:, None, None, None] > 0
