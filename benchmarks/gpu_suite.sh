@@ -6,7 +6,8 @@
 #   levers  the CUDA tests first, then the open levers of issue 6 side by side: prefetched
 #           views and GPU JPEG decoding end to end with host syncs counted, the compiled step
 #           end to end with a profile, the augmentation's cost (against $AUGMENT_BEFORE when
-#           set), and ViT-B/16's MFU for scale (about 10 minutes; the first parts matter most)
+#           set), CUDA graphs (torch.compile's reduce-overhead), and ViT-B/16's MFU for scale
+#           (about 12 minutes; the first parts matter most)
 set -uo pipefail
 out=${1:-bench-out}
 part=${2:-tables}
@@ -32,6 +33,8 @@ if [ "$part" = levers ]; then  # most telling first: a session may run out of ti
         | tee "$out/augmentation_ops.txt"
     bench --batch 128 --modes data --data jpeg --images 2000 --jpeg-dir /tmp/dinolab-jpeg \
         --workers 14 --steps 20 --warmup 5 --augmentation batched,batched+decode --json "$out/data.json" | tee "$out/data.txt"
+    bench --batch 128 --modes model --compile --compile-modes default,reduce-overhead --no-peer \
+        --flops --steps 20 --warmup 5 --json "$out/cuda_graphs.json" | tee "$out/cuda_graphs.txt"
     bench --set model.backbone=vit_base_patch16_224 --batch 128 --modes model --compile \
         --no-peer --flops --steps 20 --warmup 5 --json "$out/vit_base.json" \
         | tee "$out/vit_base.txt"

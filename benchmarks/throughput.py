@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, nargs="+", default=[128])
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument("--compile-modes", default="default",
+                        help="model mode with --compile: torch.compile modes, comma-separated "
+                             "(default, reduce-overhead, max-autotune-no-cudagraphs, ...)")
     parser.add_argument("--modes", default="model,e2e", help="model, e2e, data (comma-separated)")
     parser.add_argument("--augmentation", default="pil,batched",
                         help="e2e and data: pil, batched, batched+prefetch, batched+decode, ...")
@@ -342,10 +345,15 @@ def model_rows(args: argparse.Namespace, batch: int) -> list[Row]:
     for _ in range(args.warmup):  # the process's first steps also pay one-off costs
         step(views)
     rows = [measure("dinolab", "model", step, itertools.repeat(views), batch, args, device, flops)]
-    if args.compile:
-        compiled = build_state(make_config(args, batch, "train.compile=true"))
-        rows.append(measure("dinolab compiled", "model", dinolab_step(compiled),
-                            itertools.repeat(views), batch, args, device, flops))
+    for mode in args.compile_modes.split(",") if args.compile else []:
+        # train.compile's in-place Module.compile, with torch.compile's ``mode`` (CUDA graphs:
+        # reduce-overhead; autotuned kernels: max-autotune-no-cudagraphs)
+        compile_with_mode = functools.partialmethod(torch.nn.Module.compile, mode=mode)
+        with patched(torch.nn.Module, "compile", compile_with_mode):
+            compiled = build_state(make_config(args, batch, "train.compile=true"))
+        name = "dinolab compiled" + ("" if mode == "default" else f" ({mode})")
+        rows.append(measure(name, "model", dinolab_step(compiled), itertools.repeat(views),
+                            batch, args, device, flops))
         del compiled
     if args.switches:
         syncing = dinolab_step(state)
