@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/benchmarks.md: ViT-S/16, 2x224 + 10x96 crops, bf16.
-# Usage: benchmarks/gpu_suite.sh OUTPUT_FOLDER [tables|levers]
+# Usage: benchmarks/gpu_suite.sh OUTPUT_FOLDER [tables|levers|scale]
 #   tables  the recorded tables: model only at batch 64 and 128, end to end, the switches and
 #           torch.compile (about 6 minutes on one H100)
 #   levers  the CUDA tests first, then the open levers of issue 6 side by side: prefetched
-#           views and GPU JPEG decoding end to end with host syncs counted, the compiled step
-#           end to end with a profile, the augmentation's cost (against $AUGMENT_BEFORE when
-#           set), CUDA graphs (torch.compile's reduce-overhead), and ViT-B/16's MFU for scale
-#           (about 12 minutes; the first parts matter most)
+#           views and GPU JPEG decoding end to end with host syncs counted, and the compiled
+#           step end to end with a profile (about 7 minutes)
+#   scale   the augmentation's cost (against $AUGMENT_BEFORE when set), the data pipeline with
+#           GPU decoding, CUDA graphs (torch.compile's reduce-overhead), and ViT-B/16's MFU
+#           (about 5 minutes)
+# Each part fits the device tool's 10 minutes per command; run levers first.
 set -uo pipefail
 out=${1:-bench-out}
 part=${2:-tables}
@@ -27,12 +29,16 @@ if [ "$part" = levers ]; then  # most telling first: a session may run out of ti
     bench "${jpeg[@]}" --modes model,e2e --compile --flops --profile 3 \
         --augmentation batched,batched+prefetch+decode \
         --json "$out/e2e_compiled.json" | tee "$out/e2e_compiled.txt"
+    exit 0
+fi
+if [ "$part" = scale ]; then
     # AUGMENT_BEFORE: an older batched_augment.py to compare with (git show REV:path > file)
     python3 benchmarks/augmentation_ops.py --device cuda --repeat 20 --all-rows \
         ${AUGMENT_BEFORE:+--compare-with "$AUGMENT_BEFORE"} 2>&1 | grep -v -i warn \
         | tee "$out/augmentation_ops.txt"
     bench --batch 128 --modes data --data jpeg --images 2000 --jpeg-dir /tmp/dinolab-jpeg \
-        --workers 14 --steps 20 --warmup 5 --augmentation batched,batched+decode --json "$out/data.json" | tee "$out/data.txt"
+        --workers 14 --steps 20 --warmup 5 --augmentation batched,batched+decode \
+        --json "$out/data.json" | tee "$out/data.txt"
     bench --batch 128 --modes model --compile --compile-modes default,reduce-overhead --no-peer \
         --flops --steps 20 --warmup 5 --json "$out/cuda_graphs.json" | tee "$out/cuda_graphs.txt"
     bench --set model.backbone=vit_base_patch16_224 --batch 128 --modes model --compile \
