@@ -214,6 +214,21 @@ def _images(count: int = 5, channels: int = 3, size: int = 12) -> torch.Tensor:
     return torch.rand(count, channels, size, size, generator=torch.Generator().manual_seed(3))
 
 
+# (luma weight, mean-luma weight) of each blend: brightness blends with 0, contrast with the
+# mean luma, saturation with the luma (batched_augment._jitter_tables)
+_BLEND_WEIGHTS = {"brightness": (0.0, 0.0), "contrast": (0.0, 1.0), "saturation": (1.0, 0.0)}
+
+
+def _adjust(name: str, images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """One colour operation, one factor per image, as the batched augmentation applies it."""
+    if name == "hue":
+        return operations.adjust_hue(images, factors)
+    luma_weight, mean_weight = _BLEND_WEIGHTS[name]
+    blend = torch.stack([factors, torch.full_like(factors, luma_weight),
+                         torch.full_like(factors, mean_weight)], dim=1)
+    return operations.blend_rows(images, blend)
+
+
 @pytest.mark.parametrize("name", ["brightness", "contrast", "saturation", "hue"])
 def test_colour_operations_equal_torchvision_per_image(name: str) -> None:
     images = _images()
@@ -221,7 +236,7 @@ def test_colour_operations_equal_torchvision_per_image(name: str) -> None:
         factors = torch.tensor([-0.5, -0.1, 0.0, 0.07, 0.5])
     else:
         factors = torch.tensor([0.0, 0.6, 1.0, 1.3, 2.0])
-    ours = getattr(operations, f"adjust_{name}")(images, factors)
+    ours = _adjust(name, images, factors)
     theirs = torch.stack([getattr(TF, f"adjust_{name}")(image, float(factor))
                           for image, factor in zip(images, factors, strict=True)])
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
@@ -230,7 +245,7 @@ def test_colour_operations_equal_torchvision_per_image(name: str) -> None:
 def test_contrast_of_one_channel_images_equals_torchvision() -> None:
     images = _images(channels=1)
     factors = torch.tensor([0.5, 0.8, 1.0, 1.2, 1.4])
-    ours = operations.adjust_contrast(images, factors)
+    ours = _adjust("contrast", images, factors)
     theirs = torch.stack([TF.adjust_contrast(image, float(factor))
                           for image, factor in zip(images, factors, strict=True)])
     torch.testing.assert_close(ours, theirs)
@@ -244,7 +259,8 @@ def test_grayscale_equals_torchvision() -> None:
 def test_blur_equals_torchvision_per_image() -> None:
     images = _images(size=16)
     sigma = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0])
-    ours = operations.gaussian_blur(images, sigma, max_sigma=2.0)
+    radius = operations.blur_radius(images.shape[-1], max_sigma=2.0)
+    ours = operations.blur_with_kernels(images, operations.gaussian_kernels(sigma, radius))
     theirs = torch.stack([TF.gaussian_blur(image, kernel_size=[13, 13], sigma=[float(s)] * 2)
                           for image, s in zip(images, sigma, strict=True)])
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -56,17 +56,29 @@ def test_compiled_batched_augmentation_on_cuda_equals_the_eager_cpu() -> None:
         torch.testing.assert_close(cuda_view.cpu(), cpu_view, rtol=1e-4, atol=1e-4)
 
 
-def _folder_config(tmp_path: Path, *extra: str) -> Config:
-    folder = tmp_path / "images"
+def _photo_folder_config(tmp_path: Path, *extra: str) -> Config:
+    """A folder of 64 images, 4 batches of 16: photo-like JPEGs (smooth colour fields with some
+    noise, as photos are: nvJPEG's chroma upsampling differs from libjpeg's most on pure noise),
+    some turned by their EXIF orientation (6, 8, 3), some grayscale, and a PNG."""
+    folder = tmp_path / "photos"
     if not folder.is_dir():
         folder.mkdir()
         rng = np.random.default_rng(0)
-        for index in range(64):
-            height, width = (int(v) for v in rng.integers(64, 129, size=2))
-            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / f"{index:03d}.jpg", quality=90)
+        for index in range(63):
+            height, width = (int(v) for v in rng.integers(64, 161, size=2))
+            channels = () if index % 5 == 4 else (3,)  # every fifth file grayscale
+            coarse = rng.integers(0, 256, (6, 6, *channels), dtype=np.uint8)
+            smooth = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+            pixels = np.asarray(smooth, np.int16) + rng.integers(-20, 21, smooth.size[::-1]
+                                                                 + channels)
+            exif = Image.Exif()
+            exif[0x0112] = (1, 6, 1, 8, 3, 1, 1)[index % 7]
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
+                folder / f"{index:03d}.jpg", quality=90, exif=exif)
+        Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(
+            folder / "drawing.png")
     return load_config("imagenet_vit_small", [
-        "data.source=folder", f"data.root={folder}", "data.num_workers=2",
+        "data.source=folder", f"data.root={folder}", "data.num_workers=0",
         "data.global_crop_size=64", "data.local_crop_size=32", "data.num_local_crops=4",
         "data.augmentation=batched", "train.batch_size=16", f"run.dir={tmp_path / 'run'}",
         "train.device=cuda", *extra])
@@ -90,39 +102,11 @@ def _handed_over_checksums(config: Config) -> list[list[float]]:
 
 
 def test_prefetched_views_equal_the_plain_ones_on_cuda(tmp_path: Path) -> None:
-    plain = _handed_over_checksums(_folder_config(tmp_path))
-    prefetched = _handed_over_checksums(_folder_config(tmp_path, "data.prefetch_views=true"))
+    plain = _handed_over_checksums(_photo_folder_config(tmp_path, "data.num_workers=2"))
+    prefetched = _handed_over_checksums(_photo_folder_config(tmp_path, "data.num_workers=2",
+                                                             "data.prefetch_views=true"))
     assert len(plain) == 4
     assert prefetched == plain
-
-
-
-def _photo_folder_config(tmp_path: Path, *extra: str) -> Config:
-    """A folder of photo-like JPEGs (smooth colour fields with some noise, as photos are:
-    nvJPEG's chroma upsampling differs from libjpeg's most on pure noise), some turned by
-    their EXIF orientation (6, 8, 3), some grayscale, and a PNG."""
-    folder = tmp_path / "photos"
-    if not folder.is_dir():
-        folder.mkdir()
-        rng = np.random.default_rng(0)
-        for index in range(47):
-            height, width = (int(v) for v in rng.integers(64, 161, size=2))
-            channels = () if index % 5 == 4 else (3,)  # every fifth file grayscale
-            coarse = rng.integers(0, 256, (6, 6, *channels), dtype=np.uint8)
-            smooth = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
-            pixels = np.asarray(smooth, np.int16) + rng.integers(-20, 21, smooth.size[::-1]
-                                                                 + channels)
-            exif = Image.Exif()
-            exif[0x0112] = (1, 6, 1, 8, 3, 1, 1)[index % 7]
-            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(
-                folder / f"{index:03d}.jpg", quality=90, exif=exif)
-        Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(
-            folder / "drawing.png")
-    return load_config("imagenet_vit_small", [
-        "data.source=folder", f"data.root={folder}", "data.num_workers=0",
-        "data.global_crop_size=64", "data.local_crop_size=32", "data.num_local_crops=4",
-        "data.augmentation=batched", "train.batch_size=16", f"run.dir={tmp_path / 'run'}",
-        "train.device=cuda", *extra])
 
 
 def test_device_decode_on_cuda_gives_the_canvases_of_the_cpu_workers(tmp_path: Path) -> None:

@@ -1,9 +1,9 @@
 """Image operations on batches of views [N, C, H, W] in [0, 1], with one factor per row.
 
-The tensor formulas of torchvision's functional transforms (brightness, contrast, saturation,
-hue, grayscale, Gaussian blur, solarize), written so that every row of a batch can carry its
-own factor: what ``BatchedMultiCrop`` (batched_augment.py) applies. Each is tested against
-torchvision image by image.
+The tensor formulas of torchvision's functional transforms (brightness, contrast and saturation
+as one blend, hue, grayscale, Gaussian blur, solarize), written so that every row of a batch
+can carry its own factor: what ``BatchedMultiCrop`` (batched_augment.py) applies. Each is
+tested against torchvision image by image.
 """
 
 from __future__ import annotations
@@ -31,24 +31,6 @@ def grayscale(views: torch.Tensor) -> torch.Tensor:
     red, green, blue = views.unbind(1)
     weights = _GRAY_WEIGHTS
     return (weights[0] * red + weights[1] * green + weights[2] * blue).unsqueeze(1)
-
-
-def _mix(views: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    factor = factor[:, None, None, None]
-    return (factor * views + (1 - factor) * other).clamp_(0, 1)
-
-
-def adjust_brightness(views: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (views * factor[:, None, None, None]).clamp_(0, 1)
-
-
-def adjust_contrast(views: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    luma = grayscale(views) if views.shape[1] == 3 else views
-    return _mix(views, luma.mean(dim=(1, 2, 3), keepdim=True), factor)
-
-
-def adjust_saturation(views: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _mix(views, grayscale(views), factor)
 
 
 def adjust_hue(views: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -84,14 +66,6 @@ def blur_radius(size: int, max_sigma: float) -> int:
     return max(1, min(math.ceil(3 * max_sigma), size - 1))
 
 
-def gaussian_blur(views: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of square [N, C, S, S] with one ``sigma`` [N] per row; the kernel
-    spans 3 sigma of the largest configured sigma, reflect padding (as torchvision's tensor
-    blur)."""
-    radius = blur_radius(views.shape[-1], max_sigma)
-    return blur_with_kernels(views, gaussian_kernels(sigma, radius).to(views))
-
-
 def blur_with_kernels(views: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """[N, C, H, W] blurred along both axes with ``kernels`` [N, k], one per row (reflect
     padding).
@@ -117,7 +91,7 @@ def blur_with_kernels(views: torch.Tensor, kernels: torch.Tensor) -> torch.Tenso
 
 
 def blur_depthwise(views: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """``_blur_with_kernels`` as two depthwise convolutions over [1, N * C, H, W]."""
+    """``blur_with_kernels`` as two depthwise convolutions over [1, N * C, H, W]."""
     count, channels, height, width = views.shape
     radius = kernels.shape[1] // 2
     weights = kernels.repeat_interleave(channels, dim=0)  # [N * C, k]: a row's kernel per channel

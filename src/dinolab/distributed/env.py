@@ -73,16 +73,6 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_process(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag, true when it is true on at least one process: how ranks agree to stop or save
-    at the same step. One all-reduce of len(flags) numbers and a host sync; a no-op alone."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return list(flags)
-    values = torch.tensor([float(flag) for flag in flags], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return [bool(value) for value in values.tolist()]
-
-
 def sum_over_processes(values: list[float], device: torch.device) -> list[float]:
     """Each value summed over all processes: how counts kept per process become the run's. One
     all-reduce of len(values) numbers and a host sync; a no-op alone."""
@@ -91,3 +81,9 @@ def sum_over_processes(values: list[float], device: torch.device) -> list[float]
     totals = torch.tensor(values, dtype=torch.float64, device=device)  # counts stay exact
     dist.all_reduce(totals)
     return totals.tolist()
+
+
+def any_process(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag, true when it is true on at least one process: how ranks agree to stop or save
+    at the same step. One all-reduce of len(flags) numbers and a host sync; a no-op alone."""
+    return [total > 0 for total in sum_over_processes([float(flag) for flag in flags], device)]
