@@ -294,8 +294,9 @@ def ema_per_tensor(teacher: list[torch.Tensor], student: list[torch.Tensor], m: 
 
 
 @torch.no_grad()
-def clip_with_sync(parameters: list[torch.Tensor], max_norm: float) -> None:
-    """The reference script's clipping: a norm read back to the host per tensor."""
+def clip_with_sync(parameters: list[torch.Tensor], max_norm: float, sharded: bool = False) -> None:
+    """The reference script's clipping: a norm read back to the host per tensor (the benchmark
+    runs one process, so ``sharded`` is always False)."""
     for parameter in parameters:
         if parameter.grad is not None:
             scale = max_norm / (parameter.grad.norm().item() + 1e-6)

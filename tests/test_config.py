@@ -176,6 +176,7 @@ MISTAKES: list[tuple[str | None, list[str], str]] = [
     (None, ["model.drop_path_rate=1.0"], "model.drop_path_rate"),
     (None, ["train.precision=fp8"], "train.precision"),
     (None, ["train.device=tpu"], "train.device"),
+    (None, ["train.parallel=deepspeed"], "train.parallel"),
     (None, ["eval.knn_k=0"], "eval.knn_k"),
     (None, ["run.log_every_steps=0"], "run.log_every_steps"),
     (None, ["train.epochs"], "train.epochs"),  # not key=value

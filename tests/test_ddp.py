@@ -25,6 +25,7 @@ from conftest import make_fashion_mnist, tiny_overrides
 from equivalence import assert_networks_close
 
 from dinolab.config import Config, load_config
+from dinolab.training.state import TrainingState
 
 WORLD = 2
 BATCH = 8  # global batch: 4 images per process
@@ -45,11 +46,11 @@ KEY_BIAS_TOLERANCE = {"rtol": 0.0, "atol": LR * STEPS}
 # --- shared by the worker and the tests -----------------------------------------------------
 
 
-def step_config(run_dir: Path) -> Config:
+def step_config(run_dir: Path, *extra: str) -> Config:
     """The tiny model in fp32 on the CPU, without drop path (so no random numbers are drawn)."""
     overrides = tiny_overrides(run_dir / "no-data", run_dir) + [
         "train.device=cpu", "train.precision=fp32", "model.drop_path_rate=0.0",
-        "model.head.norm=none",
+        "model.head.norm=none", *extra,
     ]
     return load_config(None, overrides)
 
@@ -61,15 +62,13 @@ def global_batches() -> list[list[torch.Tensor]]:
             for _ in range(STEPS)]
 
 
-def run_steps(config: Config, rank: int, world: int, accumulation: int) -> dict[str, Any]:
-    """Build the state from seed 0 and run STEPS train_steps on this rank's slice of each batch."""
-    from dinolab.training.state import build_state
+def step_on_slices(state: TrainingState, batches: list[list[torch.Tensor]], rank: int, world: int,
+                   accumulation: int, first_step: int = 0) -> list[float]:
+    """One train_step per global batch, on this rank's slice of it -> the losses."""
     from dinolab.training.step import StepValues, train_step
 
-    torch.manual_seed(0)
-    state = build_state(config)
     losses = []
-    for step, views in enumerate(global_batches()):
+    for step, views in enumerate(batches, start=first_step):
         share = BATCH // world
         mine = [view[rank * share : (rank + 1) * share] for view in views]
         micro = share // accumulation
@@ -78,8 +77,23 @@ def run_steps(config: Config, rank: int, world: int, accumulation: int) -> dict[
         values = StepValues(lr=LR, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.04,
                             freeze_last_layer=step == 0)
         losses.append(train_step(state, micro_batches, values).item())
-    return {"losses": torch.tensor(losses), "student": state.student_module.state_dict(),
-            "teacher": state.teacher.state_dict(), "center": state.loss.center.clone()}
+    return losses
+
+
+def snapshot(state: TrainingState, losses: list[float]) -> dict[str, Any]:
+    """The losses and full weights (a collective when sharded; then rank 0 alone holds them)."""
+    saved = state.state_dict()
+    return {"losses": torch.tensor(losses), "student": saved["student"],
+            "teacher": saved["teacher"], "center": saved["loss"]["center"]}
+
+
+def run_steps(config: Config, rank: int, world: int, accumulation: int) -> dict[str, Any]:
+    """Build the state from seed 0 and run STEPS train_steps on this rank's slice of each batch."""
+    from dinolab.training.state import build_state
+
+    torch.manual_seed(0)
+    state = build_state(config)
+    return snapshot(state, step_on_slices(state, global_batches(), rank, world, accumulation))
 
 
 def skipped_on_all_processes(run_dir: Path, skipped_here: int) -> int:
@@ -179,8 +193,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(mode: str, out_dir: Path, data_root: Path | None = None) -> list[dict[str, Any]]:
-    """Run WORLD worker processes of this file; -> what each rank saved."""
+def launch(mode: str, out_dir: Path, data_root: Path | None = None,
+           worker_file: str = __file__) -> list[dict[str, Any]]:
+    """Run WORLD worker processes of ``worker_file`` (this one, or another test file that has a
+    worker of its own); -> what each rank saved."""
     out_dir.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
     processes, logs = [], []
@@ -188,7 +204,7 @@ def launch(mode: str, out_dir: Path, data_root: Path | None = None) -> list[dict
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
         log = open(out_dir / f"rank{rank}.log", "w")  # closed below
-        arguments = [sys.executable, __file__, mode, str(out_dir)]
+        arguments = [sys.executable, worker_file, mode, str(out_dir)]
         arguments += [str(data_root)] if data_root else []
         processes.append(subprocess.Popen(arguments, env=env, stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)

@@ -128,6 +128,9 @@ class TrainConfig:
     deterministic: bool = True  # deterministic algorithms (CPU runs are reproducible bit for bit)
     limit_steps_per_epoch: int = 0  # >0: shorten each epoch (smoke tests, quick looks)
     compile: bool = False  # torch.compile the backbones and heads (student and teacher)
+    # Several processes: ddp keeps a full student on each; fsdp shards the student's and the
+    # teacher's parameters, gradients and optimizer state over them (for models DDP cannot fit)
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -367,6 +370,7 @@ def validate(config: Config) -> None:
         "auto, fp32, bf16 or fp16",
     )
     _require(train.device in ("auto", "cpu", "cuda"), "train.device", "auto, cpu or cuda")
+    _require(train.parallel in ("ddp", "fsdp"), "train.parallel", "ddp or fsdp")
     _require(train.limit_steps_per_epoch >= 0, "train.limit_steps_per_epoch", "must be >= 0")
 
     evaluation = config.eval

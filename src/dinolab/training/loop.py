@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from dinolab.config import Config, ConfigError, from_dict, to_dict, to_yaml
@@ -41,14 +42,19 @@ from dinolab.training.monitor import Metrics, last_knn, progress_bar, say
 from dinolab.training.nonfinite import LEVERS, FiniteWatch, NonFiniteLoss, state_is_finite
 from dinolab.training.pipeline import TrainingData, build_training_data, check_for_device
 from dinolab.training.preemption import RunStopped, StopControl
-from dinolab.training.state import TrainingState, build_state, resolve_device
+from dinolab.training.state import (
+    TrainingState,
+    build_state,
+    evaluation_backbone,
+    resolve_device,
+)
 from dinolab.training.step import StepValues, train_step
 from dinolab.visualization.monitor import log_attention_maps
 
 # Keys that may differ when a run folder is resumed: where it runs and how it reports.
 RESUMABLE_CHANGES = ("run.", "data.num_workers", "data.root", "data.download",
                      "data.max_bad_fraction", "data.prefetch_views", "data.decode", "eval.",
-                     "train.device", "train.compile")
+                     "train.device", "train.compile", "train.parallel")
 
 
 __all__ = ["CheckpointWriteError", "NonFiniteLoss", "RunStopped", "TrainResult", "train"]
@@ -139,25 +145,34 @@ def prepare_run_dir(config: Config) -> Path:
     return run_dir
 
 
-def knn_monitor(state: TrainingState, sources: Sources, transform: EvalTransform) -> float | None:
+def look_at_teacher(state: TrainingState, sources: Sources, transform: EvalTransform,
+                    metrics: Metrics) -> float | None:
+    """The teacher's weighted k-NN top-1 (%), None when the data has no labels, and its
+    attention maps in TensorBoard. The main process does both; the others wait."""
+    backbone = evaluation_backbone(state)  # a collective when sharded
+    result = None
+    if backbone is not None:  # the main process
+        result = knn_monitor(state, backbone, sources, transform)
+        log_attention_maps(metrics, backbone, sources, transform, state.step)
+    barrier()
+    return result
+
+
+def knn_monitor(state: TrainingState, backbone: nn.Module, sources: Sources,
+                transform: EvalTransform) -> float | None:
     """Weighted k-NN top-1 (%) of the teacher backbone; None when the data has no labels."""
     if sources.knn_train is None or sources.knn_test is None:
         return None
     config = state.config
-    result = None
-    if is_main_process():  # the other processes wait at the barrier
-        train = fixed_subset(sources.knn_train, config.eval.knn_train_limit)
-        test = fixed_subset(sources.knn_test, config.eval.knn_test_limit)
-        backbone = state.teacher.backbone
-        arguments = (transform, state.device, config.eval.batch_size, config.data.num_workers,
-                     state.autocast_dtype)
-        train_features, train_labels = extract_features(backbone, train, *arguments)
-        test_features, test_labels = extract_features(backbone, test, *arguments)
-        accuracy = knn_accuracy(train_features, train_labels, test_features, test_labels,
-                                config.eval.knn_k, config.eval.knn_temperature)
-        result = accuracy["top1"]
-    barrier()
-    return result
+    train = fixed_subset(sources.knn_train, config.eval.knn_train_limit)
+    test = fixed_subset(sources.knn_test, config.eval.knn_test_limit)
+    arguments = (transform, state.device, config.eval.batch_size, config.data.num_workers,
+                 state.autocast_dtype)
+    train_features, train_labels = extract_features(backbone, train, *arguments)
+    test_features, test_labels = extract_features(backbone, test, *arguments)
+    accuracy = knn_accuracy(train_features, train_labels, test_features, test_labels,
+                            config.eval.knn_k, config.eval.knn_temperature)
+    return accuracy["top1"]
 
 
 @dataclass
@@ -181,17 +196,22 @@ def save(state: TrainingState, run: RunContext, keep_epoch_copy: bool) -> Path:
     first. A failed write on the main process stops every process with CheckpointWriteError.
     """
     run.watch.check(run.last_good())
-    tensors = state.student_parameters + state.teacher_parameters + [state.loss.center]
-    if not state_is_finite(tensors):
+    tensors = state.student_shards + state.teacher_shards + [state.loss.center]
+    (not_finite,) = any_process([not state_is_finite(tensors)], state.device)  # shards differ
+    if not_finite:
         raise NonFiniteLoss(f"the parameters are not finite after step {state.step}; last good "
                             f"checkpoint: {run.last_good() or 'none yet'}; {LEVERS}")
     # The epoch's running loss, averaged over processes (a collective), so that a resume, which
     # gives every process the main one's, continues the same mean.
     all_reduce_mean(state.epoch_loss_sum)
     path, error = step_file(run.run_dir, state.step), None
+    checkpoint = state.state_dict()  # a collective when sharded: the main process gets it all
     if is_main_process():
+        teacher_backbone = {key.removeprefix("backbone."): value
+                            for key, value in checkpoint["teacher"].items()
+                            if key.startswith("backbone.")}
         try:
-            save_checkpoint(run.run_dir, state.state_dict(), state.teacher.backbone.state_dict(),
+            save_checkpoint(run.run_dir, checkpoint, teacher_backbone,
                             state.config.run.keep_last_checkpoints, keep_epoch_copy)
         except CheckpointWriteError as failure:
             error = failure
@@ -372,8 +392,7 @@ def _train(config: Config, dataset: Dataset | None, started: float) -> TrainResu
 
     knn_start = None
     if state.step == 0:
-        knn_start = knn_monitor(state, sources, eval_transform)
-        log_attention_maps(metrics, state.teacher.backbone, sources, eval_transform, 0)
+        knn_start = look_at_teacher(state, sources, eval_transform, metrics)
         if knn_start is not None:
             say(f"{knn_label}: {knn_start:.1f}% (teacher at initialisation)")
             metrics.log("knn", 0, {"epoch": 0, "knn_top1": knn_start})
@@ -411,9 +430,7 @@ def _train_epochs(state: TrainingState, data: TrainingData, run: RunContext, sou
         epoch_values: dict[str, Any] = {"epoch": epoch + 1, "loss": result.mean_loss,
                                         "skipped": result.skipped}
         if _due(epoch + 1, config.eval.knn_every_epochs, config.train.epochs):
-            knn_end = knn_monitor(state, sources, eval_transform)
-            log_attention_maps(run.metrics, state.teacher.backbone, sources, eval_transform,
-                               state.step)
+            knn_end = look_at_teacher(state, sources, eval_transform, run.metrics)
             if knn_end is not None:
                 epoch_values["knn_top1"] = knn_end
         run.metrics.log("epoch", state.step, epoch_values)

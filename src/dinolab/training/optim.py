@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dinolab.distributed.fsdp import combine_shard_norms, local_tensor
+
 
 def parameter_groups(model: nn.Module) -> list[dict]:
     skip: set[str] = set()
@@ -45,23 +47,31 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_deca
             group["weight_decay"] = weight_decay
 
 
-@torch.no_grad()
-def gradient_norms(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The norm of each gradient tensor (foreach kernels on the device: no host sync)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    return list(torch._foreach_norm(grads)) if grads else []
+def _gradients(parameters: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each parameter's gradient, or this process's shard of it when sharded (FSDP)."""
+    return [local_tensor(p.grad) for p in parameters if p.grad is not None]
 
 
 @torch.no_grad()
-def clip_gradients_per_tensor(parameters: list[torch.Tensor],
-                              max_norm: float) -> list[torch.Tensor]:
+def gradient_norms(parameters: list[torch.Tensor], sharded: bool = False) -> list[torch.Tensor]:
+    """The norm of each gradient tensor (foreach kernels on the device: no host sync). Sharded:
+    the full tensors' norms, from one all-reduce of the shards' (a collective)."""
+    grads = _gradients(parameters)
+    norms = list(torch._foreach_norm(grads)) if grads else []
+    return combine_shard_norms(norms) if sharded else norms
+
+
+@torch.no_grad()
+def clip_gradients_per_tensor(parameters: list[torch.Tensor], max_norm: float,
+                              sharded: bool = False) -> list[torch.Tensor]:
     """Scale each gradient tensor whose norm exceeds ``max_norm`` (the reference's clipping)
     -> the norms before clipping, which the step also checks for NaN and inf.
 
-    Done with foreach kernels on the device: no host sync.
+    Done with foreach kernels on the device: no host sync. Sharded (FSDP), each process scales
+    its shards by the full tensor's norm.
     """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norms = gradient_norms(parameters)
+    grads = _gradients(parameters)
+    norms = gradient_norms(parameters, sharded)
     if grads:
         scales = [torch.clamp(max_norm / (norm + 1e-6), max=1.0) for norm in norms]
         torch._foreach_mul_(grads, scales)

@@ -8,6 +8,7 @@ of its steps).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dinolab.config import Config, ConfigError
-from dinolab.distributed import world_size
+from dinolab.distributed import fsdp, is_main_process, world_size
 from dinolab.losses import DINOLoss
 from dinolab.models.backbone import create_backbone, feature_dim
 from dinolab.models.head import DINOHead
@@ -82,7 +83,8 @@ class TrainingState:
     config: Config
     device: torch.device
     autocast_dtype: torch.dtype | None
-    student: nn.Module  # MultiCropNetwork, wrapped in DDP when there are several processes
+    # MultiCropNetwork; with several processes wrapped in DDP, or sharded in place (FSDP)
+    student: nn.Module
     teacher: MultiCropNetwork
     loss: DINOLoss
     optimizer: torch.optim.Optimizer
@@ -102,6 +104,10 @@ class TrainingState:
         # Listed once: the step clips and averages these every iteration.
         self.student_parameters: list[torch.Tensor] = list(self.student_module.parameters())
         self.teacher_parameters: list[torch.Tensor] = list(self.teacher.parameters())
+        # This process's part of each parameter (all of it unless sharded): the EMA and the
+        # finite checks work on these. Views, so an update reaches the parameter.
+        self.student_shards = [fsdp.local_tensor(p) for p in self.student_parameters]
+        self.teacher_shards = [fsdp.local_tensor(p) for p in self.teacher_parameters]
         self.epoch_loss_sum = torch.zeros((), device=self.device)
 
     def begin_next_epoch(self) -> None:
@@ -116,14 +122,26 @@ class TrainingState:
         module = self.student
         return module.module if isinstance(module, DistributedDataParallel) else module  # type: ignore[return-value]
 
+    @property
+    def sharded(self) -> bool:
+        return fsdp.is_sharded(self.student)
+
     def state_dict(self) -> dict[str, Any]:
+        """Everything a checkpoint holds, with full tensors. Sharded (FSDP), it is a collective
+        that every process calls, and only the main process's copy holds the tensors (the
+        others hold None): the layout stays that of a one-process run."""
         from dinolab.config import to_dict
 
-        return {
+        networks = {
             "student": self.student_module.state_dict(),
             "teacher": self.teacher.state_dict(),
-            "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+        }
+        if self.sharded:
+            networks = fsdp.gather(networks, keep=is_main_process())
+        return {
+            **networks,
+            "loss": self.loss.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": self.epoch,
             "step": self.step,
@@ -136,10 +154,16 @@ class TrainingState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.student_module.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
+        """Load a checkpoint of any run (one process, DDP or FSDP: they share a layout)."""
+        if self.sharded:  # each process keeps its slice of the full tensors (collectives)
+            fsdp.load_full_state(self.student_module, state["student"])
+            fsdp.load_full_state(self.teacher, state["teacher"])
+            fsdp.load_full_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.student_module.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.loss.load_state_dict(state["loss"])
-        self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
@@ -166,15 +190,40 @@ def build_state(config: Config) -> TrainingState:
             network.backbone.compile(dynamic=False)
             network.head.compile(dynamic=False)
     wrapped: nn.Module = student
+    sharded = world_size() > 1 and config.train.parallel == "fsdp"
     if world_size() > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         if device.type == "cuda":  # BatchNorm in the head: statistics over the global batch
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-        wrapped = DistributedDataParallel(student, device_ids=device_ids)  # broadcasts rank 0's
-    copy_student_into_teacher(student, teacher)  # after DDP's broadcast: the same on every rank
+        if sharded:
+            fsdp.broadcast_from_main(student)
+            wrapped = student
+        else:
+            wrapped = DistributedDataParallel(student, device_ids=device_ids)  # broadcasts too
+    copy_student_into_teacher(student, teacher)  # after the broadcast: the same on every rank
+    if sharded:  # alike, so that the EMA pairs each teacher shard with its student shard
+        fsdp.shard(student, trains=True)
+        fsdp.shard(teacher, trains=False)
     optimizer = build_optimizer(student, tuple(config.optim.betas), device)  # type: ignore[arg-type]
     loss = DINOLoss(config.model.head.out_dim, config.loss.student_temp,
                     config.loss.center_momentum).to(device)
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
     return TrainingState(config, device, autocast_dtype, wrapped, teacher, loss, optimizer, scaler)
+
+
+def evaluation_backbone(state: TrainingState) -> nn.Module | None:
+    """The teacher's backbone, whole, for the k-NN monitor and the attention maps, which run on
+    the main process alone. Sharded (FSDP), a collective: every process calls it, and the main
+    process gets an unsharded copy (the others get None)."""
+    if not state.sharded:
+        return state.teacher.backbone
+    weights = fsdp.gather(state.teacher.backbone.state_dict(), keep=is_main_process())
+    if not is_main_process():
+        return None
+    config = state.config
+    model = dataclasses.replace(config.model, pretrained=False, weights=None)  # weights: below
+    backbone = create_backbone(model, config.data.global_crop_size, 0.0)
+    backbone.load_state_dict(weights)
+    set_fused_attention(backbone, use_fused_attention(config.model.attention, state.device))
+    return backbone.to(state.device)

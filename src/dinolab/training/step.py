@@ -1,9 +1,9 @@
 """One DINO optimisation step over an accumulated batch.
 
 teacher forward (no grad) -> student forward -> loss -> backward, for each micro-batch; then
-clip -> optimizer step -> EMA -> center update, once. Mixed precision and DDP's gradient sync
-are the only extras. The returned loss stays on the device: reading it is a host sync, which the
-loop does only at log steps.
+clip -> optimizer step -> EMA -> center update, once. Mixed precision and the gradient sync of
+DDP or FSDP are the only extras. The returned loss stays on the device: reading it is a host
+sync, which the loop does only at log steps.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from dinolab.distributed.fsdp import set_gradient_sync
 from dinolab.losses import batch_center
 from dinolab.models.teacher import ema_update
 from dinolab.training.optim import (
@@ -38,6 +39,8 @@ class StepValues:
 
 
 def _grad_sync(state: TrainingState, enabled: bool) -> contextlib.AbstractContextManager:
+    """Average the gradients over processes only after the last micro-batch."""
+    set_gradient_sync(state.student, enabled)  # FSDP; a no-op otherwise
     if enabled or not isinstance(state.student, DistributedDataParallel):
         return contextlib.nullcontext()
     return state.student.no_sync()
@@ -70,12 +73,14 @@ def train_step(state: TrainingState, micro_batches: list[list[torch.Tensor]],
         scaler.unscale_(optimizer)
     norms = None
     if state.config.optim.clip_grad > 0:
-        norms = clip_gradients_per_tensor(state.student_parameters, state.config.optim.clip_grad)
+        norms = clip_gradients_per_tensor(state.student_parameters, state.config.optim.clip_grad,
+                                          state.sharded)
     if scaler:  # fp16: an overflowing step is the scaler's to skip, not an error
         state.gradients_finite = None
     else:  # on the device; the loop reads it at log steps (training/nonfinite.py)
         state.gradients_finite = all_finite(
-            norms if norms is not None else gradient_norms(state.student_parameters),
+            norms if norms is not None else gradient_norms(state.student_parameters,
+                                                           state.sharded),
             state.device)
     if values.freeze_last_layer:
         drop_last_layer_gradients(state.student_module)
@@ -85,7 +90,7 @@ def train_step(state: TrainingState, micro_batches: list[list[torch.Tensor]],
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ema_update(state.teacher_parameters, state.student_parameters, values.teacher_momentum)
+    ema_update(state.teacher_shards, state.student_shards, values.teacher_momentum)
     state.loss.update_center(center_sum / num_micro)  # collective: all-reduce over processes
     state.step += 1
     return total_loss / num_micro
