@@ -1,5 +1,6 @@
-"""Smoke test of benchmarks/throughput.py at a tiny size: every mode and the peer run, and the
-table it writes holds one row per variant. Speed itself is never asserted in tests."""
+"""Smoke tests of the benchmarks at a tiny size: throughput.py's every mode and the peer run, and
+the table it writes holds one row per variant; augmentation_ops.py and sharding.py run. Speed
+itself is never asserted in tests."""
 
 from __future__ import annotations
 
@@ -70,3 +71,21 @@ def test_augmentation_ops_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> 
             if line.startswith("fashion")]
     assert [row[1] for row in rows] == ["rows"]
     assert float(rows[0][2]) > 0 and int(rows[0][3]) > 0
+
+
+@pytest.mark.slow
+def test_sharding_benchmark_shows_fsdp_holding_half(tmp_path: Path) -> None:
+    """Smoke test at a tiny size: 2 processes, both strategies; under FSDP each process holds
+    about half of the student, the teacher and AdamW's state."""
+    import sharding
+
+    rows = sharding.main([
+        "--preset", "demo", "--set", "model.head.out_dim=64",
+        "--set", "model.backbone_kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
+        "--global-crop", "28", "--local-crop", "14", "--batch", "4", "--steps", "1",
+        "--warmup", "0", "--out", str(tmp_path / "sharding.json"),
+    ])
+    ddp, sharded = rows
+    assert (ddp["parallel"], sharded["parallel"]) == ("ddp", "fsdp")
+    for key in ("student_mib", "teacher_mib", "adamw_mib"):
+        assert 0.4 * ddp[key] < sharded[key] < 0.6 * ddp[key], key
