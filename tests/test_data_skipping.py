@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -127,6 +128,37 @@ def test_a_folder_with_bad_files_trains_to_completion(tmp_path: Path,
                                                                                    4: second}
     assert first >= len(bad) and second >= first + len(bad)  # every epoch reads each bad file
     assert second == output.count("warning: skipped ")  # one warning per skip, up to 10
+
+
+def test_the_skip_count_goes_on_after_a_resume(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint keeps the totals: a run stopped after epoch 1 and resumed records the same
+    counts as one run in one go (before, the resumed run counted afresh)."""
+    from dinolab.training import loop
+
+    _bad_folder(tmp_path / "data")
+
+    def epoch_counts(run_dir: Path) -> list[int]:
+        records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        return [record["skipped"] for record in records if record["kind"] == "epoch"]
+
+    extra = "data.max_bad_fraction=0.3"
+    train(_training_config(tmp_path / "data", tmp_path / "whole", extra))
+    run_epoch = loop.run_epoch
+
+    def stop_at_second_epoch(state: Any, *args: Any) -> loop.EpochResult:
+        if state.epoch == 1:  # the epoch-1 checkpoint is written
+            raise KeyboardInterrupt
+        return run_epoch(state, *args)
+
+    monkeypatch.setattr(loop, "run_epoch", stop_at_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(_training_config(tmp_path / "data", tmp_path / "resumed", extra))
+    monkeypatch.setattr(loop, "run_epoch", run_epoch)
+    assert train(_training_config(tmp_path / "data", tmp_path / "resumed", extra)).epochs_done == 2
+    whole = epoch_counts(tmp_path / "whole")
+    assert len(whole) == 2 and whole[1] > whole[0] > 0
+    assert epoch_counts(tmp_path / "resumed") == whole
 
 
 def test_a_folder_of_only_bad_files_stops_with_exit_status_2(tmp_path: Path,

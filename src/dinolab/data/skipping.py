@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from dinolab.data.images import DECODE_ERRORS, DataError, ImageFiles, UnreadableImage, rgb_or_gray
-from dinolab.distributed import sum_over_processes
+from dinolab.distributed import is_main_process, sum_over_processes
 
 SKIPPED_FILES = "skipped_files.txt"
 MAX_TRIES = 100  # replacements per sample before its batch is given up (DataError)
@@ -84,7 +84,8 @@ class SkipLog:
 
     The bad fraction is failures / samples read, judged over at least ``epoch_size`` samples:
     a few bad files early in a run can then not stop it, while a folder that is mostly broken
-    stops within its first epoch. Counts start afresh in each process.
+    stops within its first epoch. Each process counts its own samples; a checkpoint keeps the
+    totals over processes (``totals``), and a resumed run's main process continues from them.
     """
 
     def __init__(self, run_dir: Path, where: str, max_bad_fraction: float, epoch_size: int,
@@ -136,6 +137,18 @@ class SkipLog:
                 f"another process stopped the run: too many samples failed to decode in "
                 f"{self.where}; its warnings name them, and they are listed in {self.path}")
         return int(failed)
+
+    def totals(self, device: torch.device) -> dict[str, int]:
+        """The samples read and skipped so far by all processes, for a checkpoint. A collective
+        when there are several: call it at the same step everywhere."""
+        read, failed = sum_over_processes([float(self.read), float(self.failed)], device)
+        return {"read": int(read), "failed": int(failed)}
+
+    def resume(self, totals: dict[str, int] | None) -> None:
+        """Continue a checkpoint's counts: the main process takes the totals over (``check``
+        sums over processes), so the run's count and bad fraction go on where they were."""
+        if totals is not None and is_main_process():
+            self.read, self.failed = totals["read"], totals["failed"]
 
     def _list(self, where: str, reason: str) -> None:
         if len(self.examples) < 3 and where not in (known for known, _ in self.examples):

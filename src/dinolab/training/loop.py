@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, Subset
 
 from dinolab.config import Config, ConfigError, from_dict, to_dict, to_yaml
 from dinolab.data.datasets import UNLABELLED, Sources, build_sources
+from dinolab.data.skipping import SkipLog
 from dinolab.data.transforms import EvalTransform
 from dinolab.distributed import (
     all_reduce_mean,
@@ -184,6 +185,7 @@ class RunContext:
     watch: FiniteWatch  # NaN/inf of any step, read at log steps and before saves
     control: StopControl  # stop signals and the wall-clock checkpoint timer
     collapse: CollapseDetector
+    skips: SkipLog  # the data's skipped samples, whose totals a checkpoint keeps
 
     def last_good(self) -> Path | None:
         return self.run_dir / LATEST if (self.run_dir / LATEST).is_file() else None
@@ -206,6 +208,7 @@ def save(state: TrainingState, run: RunContext, keep_epoch_copy: bool) -> Path:
     all_reduce_mean(state.epoch_loss_sum)
     path, error = step_file(run.run_dir, state.step), None
     checkpoint = state.state_dict()  # a collective when sharded: the main process gets it all
+    checkpoint["skips"] = run.skips.totals(state.device)  # a collective
     if is_main_process():
         teacher_backbone = {key.removeprefix("backbone."): value
                             for key, value in checkpoint["teacher"].items()
@@ -245,7 +248,7 @@ def _log_step(state: TrainingState, run: RunContext, loss: torch.Tensor, values:
 @dataclass(frozen=True)
 class EpochResult:
     mean_loss: float
-    skipped: int  # samples skipped so far by all processes (counted afresh after a resume)
+    skipped: int  # samples skipped so far by all processes
 
 
 def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> EpochResult:
@@ -335,10 +338,11 @@ def _check_batch(config: Config, num_images: int) -> None:
                           f"larger than the data set ({num_images} images)")
 
 
-def _resume(state: TrainingState, run_dir: Path) -> None:
+def _resume(state: TrainingState, run_dir: Path) -> dict[str, Any] | None:
+    """Load the run folder's latest checkpoint into ``state`` -> the checkpoint, or None."""
     saved = load_latest(run_dir, say)
     if saved is None:
-        return
+        return None
     state.load_state_dict(saved)
     if state.epoch >= state.config.train.epochs:
         knn = last_knn(run_dir / "metrics.jsonl")
@@ -347,6 +351,7 @@ def _resume(state: TrainingState, run_dir: Path) -> None:
             "use another run.dir to train again")
     else:
         say(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
+    return saved
 
 
 def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
@@ -380,13 +385,16 @@ def _train(config: Config, dataset: Dataset | None, started: float) -> TrainResu
     state = build_state(config)  # before the run folder: a bad backbone leaves nothing behind
     check_for_device(config, state.device)
     run_dir = prepare_run_dir(config)
-    _resume(state, run_dir)
+    saved = _resume(state, run_dir)
+    skip_totals = saved.get("skips") if saved else None  # older checkpoints have none
+    del saved  # its tensors are loaded: not held for the whole run
     data = build_training_data(config, sources.train, state.device)
+    data.skips.resume(skip_totals)
     length = data.length
     metrics = Metrics(run_dir, config.run.tensorboard)
     run = RunContext(run_dir, metrics, FiniteWatch(state.device),
                      StopControl(config.run.checkpoint_every_minutes, state.device),
-                     CollapseDetector(config.model.head.out_dim))
+                     CollapseDetector(config.model.head.out_dim), data.skips)
     eval_transform = EvalTransform(config.data)
     knn_label = f"k-NN top-1 (k={config.eval.knn_k})"
 
