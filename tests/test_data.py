@@ -193,6 +193,28 @@ def test_photos_are_decoded_upright_on_every_path(tmp_path: Path) -> None:
     assert batched.shape == (3, 32, 16)
 
 
+def test_a_users_dataset_of_opened_photos_is_turned_upright(tmp_path: Path) -> None:
+    """train(dataset=...) items are opened by the user, EXIF tag and all: the training reader and
+    both transforms see them upright, and the user's image object is left as it was."""
+    from dinolab.data.skipping import read_or_replace
+    from dinolab.data.transforms import EvalTransform, MultiCropTransform
+
+    photo = Image.open(_write_sideways_photo(tmp_path / "portrait.jpg"))
+    image, _ = read_or_replace([(photo, 0)], 0, seed=0)  # type: ignore[arg-type]
+    assert image is not None and image.size == (16, 32)
+    pixels = np.asarray(image.convert("L"), dtype=np.float64)
+    assert pixels[:16].mean() < 40 and pixels[16:].mean() > 210  # the dark half on top
+    config = DataConfig(global_crop_size=32, local_crop_size=16, num_local_crops=0,
+                        global_crop_scale=(1.0, 1.0), eval_resize_ratio=1.0, flip_prob=0.0,
+                        color_jitter_prob=0.0, grayscale_prob=0.0, blur_probs=(0.0, 0.0, 0.0),
+                        solarize_prob=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    for view in (EvalTransform(config)(photo),
+                 MultiCropTransform(config)(photo, torch.Generator().manual_seed(0))[0]):
+        gray = view.mean(dim=0)  # [32, 32]: the 16x32 upright photo stretched to a square
+        assert gray[:12].mean() < 0.2 and gray[20:].mean() > 0.8, "not upright"
+    assert photo.size == (32, 16)  # the user's object: still as stored
+
+
 @pytest.mark.parametrize("make", ["missing", "empty", "only_other_files", "none_decodes"])
 def test_unusable_folders_stop_with_one_line(tmp_path: Path, make: str) -> None:
     root = tmp_path / "photos"

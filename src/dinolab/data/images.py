@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 
 from dinolab.config import ConfigError
@@ -53,12 +53,16 @@ class Sources:
 
 
 def rgb_or_gray(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> "L" or "RGB" (the first frame of an animation, as opened).
+    """Any PIL image -> upright, "L" or "RGB" (the first frame of an animation, as opened).
 
-    16-bit grayscale keeps its range (scaled to 8 bits, not clipped); transparency is
-    composited over white instead of exposing whatever colour hides under alpha 0; palette,
+    Upright: an image that still carries an EXIF Orientation tag (a user's Dataset may hand over
+    opened photos) is turned as ``decode_image`` turns files, into a copy, leaving the user's
+    object alone. 16-bit grayscale keeps its range (scaled to 8 bits, not clipped); transparency
+    is composited over white instead of exposing whatever colour hides under alpha 0; palette,
     CMYK, YCbCr, bilevel and the rest are converted by PIL.
     """
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
+        image = ImageOps.exif_transpose(image)
     if image.mode in ("L", "RGB"):
         return image
     if image.mode.startswith("I"):  # I;16, I;16B, I (16-bit PNG and TIFF)
