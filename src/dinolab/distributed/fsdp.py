@@ -12,7 +12,7 @@ DINO's extras work on the shards because the student and the teacher are sharded
 - per-tensor gradient clipping needs each tensor's full norm: each process takes the norms of its
   shards and one all-reduce of their squares gives the full norms (``combine_shard_norms``);
 - checkpoints hold full tensors (``gather``; the main process writes them), in the same format
-  as a one-process or DDP run, so any run resumes under any of the three (``scatter_like``).
+  as a one-process or DDP run, so any run resumes under any of the three (``load_full_state``).
 """
 
 from __future__ import annotations
