@@ -180,6 +180,7 @@ def test_train_sharded_equals_one_process(tmp_path: Path) -> None:
     data_root = make_fashion_mnist(tmp_path / "fashion")
     ranks = launch("train", tmp_path / "two", data_root, worker_file=__file__)
     assert [rank["epochs_done"] for rank in ranks] == [1, 1]
+    assert "2 process(es) (FSDP), cpu" in (tmp_path / "two" / "rank0.log").read_text()
     train(load_config(None, train_overrides(data_root, tmp_path / "one" / "run")))
     runs = {name: tmp_path / name / "run" for name in ("two", "one")}
     two, one = (torch.load(runs[name] / "checkpoint.pt", weights_only=True) for name in runs)

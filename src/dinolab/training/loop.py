@@ -406,7 +406,7 @@ def _train(config: Config, dataset: Dataset | None, started: float) -> TrainResu
             metrics.log("knn", 0, {"epoch": 0, "knn_top1": knn_start})
     say(f"training {config.model.backbone} on {num_images} images: {length.epochs} epochs of "
         f"{length.steps_per_epoch} steps, batch {config.train.batch_size}, "
-        f"{world_size()} process(es), {state.device.type}")
+        f"{world_size()} process(es){' (FSDP)' if state.sharded else ''}, {state.device.type}")
 
     try:
         with run.control:
