@@ -5,6 +5,8 @@ reads the authors' DINO checkpoints (full and backbone-only); every mistake is o
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,19 @@ def test_export_loads_in_timm_with_the_teachers_features(run_dir: Path, tmp_path
         assert not backbone.training
         assert torch.equal(backbone(IMAGES), teacher), source
     assert info.config is not None and info.step == 4
+
+
+def test_exports_and_checkpoints_are_readable_like_any_new_file(run_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """safetensors writes owner-only files (0600); dinolab gives its files the permissions any
+    new file gets (0666 less the umask), so a shared cluster's users can read an export."""
+    out = tmp_path / "exported" / "backbone.safetensors"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out, out.with_suffix(".json"), run_dir / "teacher.safetensors",
+                 run_dir / "checkpoint.pt"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
 
 
 @torch.no_grad()

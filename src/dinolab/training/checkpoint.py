@@ -68,14 +68,28 @@ def step_files(run_dir: Path) -> list[Path]:
     return sorted(files, key=lambda path: int(path.stem[len(STEP_PREFIX):]), reverse=True)
 
 
+def _new_file_mode() -> int:
+    """The permissions ``open`` gives a new file: 0o666 less the process's umask."""
+    # Reading the umask means setting it: to a strict one for that instant (a file another
+    # thread creates meanwhile gets fewer rights, never more), then straight back.
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(temporary)``, fsync, rename over ``path``, fsync the folder; no partial file."""
+    """``write(temporary)``, fsync, rename over ``path``, fsync the folder; no partial file.
+
+    The file gets the permissions of any file the process creates: safetensors writes its files
+    owner-only (0600), which would hide an exported teacher from the rest of a shared cluster.
+    """
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         temporary.unlink(missing_ok=True)  # a leftover of a killed run, or a link target
         write(temporary)
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
+            os.fchmod(handle.fileno(), _new_file_mode())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
