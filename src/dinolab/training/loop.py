@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from dinolab.config import Config, ConfigError, from_dict, to_dict, to_yaml
@@ -28,8 +27,6 @@ from dinolab.distributed import (
     shutdown,
     world_size,
 )
-from dinolab.evaluation.features import extract_features, fixed_subset
-from dinolab.evaluation.knn import knn_accuracy
 from dinolab.training import schedules
 from dinolab.training.checkpoint import (
     LATEST,
@@ -43,14 +40,9 @@ from dinolab.training.monitor import Metrics, last_knn, progress_bar, say
 from dinolab.training.nonfinite import LEVERS, FiniteWatch, NonFiniteLoss, state_is_finite
 from dinolab.training.pipeline import TrainingData, build_training_data, check_for_device
 from dinolab.training.preemption import RunStopped, StopControl
-from dinolab.training.state import (
-    TrainingState,
-    build_state,
-    evaluation_backbone,
-    resolve_device,
-)
+from dinolab.training.state import TrainingState, build_state, resolve_device
 from dinolab.training.step import StepValues, train_step
-from dinolab.visualization.monitor import log_attention_maps
+from dinolab.training.teacher_monitor import look_at_teacher
 
 # Keys that may differ when a run folder is resumed: where it runs and how it reports.
 RESUMABLE_CHANGES = ("run.", "data.num_workers", "data.root", "data.download",
@@ -144,36 +136,6 @@ def prepare_run_dir(config: Config) -> Path:
                               f"{error.strerror}") from None
     barrier()
     return run_dir
-
-
-def look_at_teacher(state: TrainingState, sources: Sources, transform: EvalTransform,
-                    metrics: Metrics) -> float | None:
-    """The teacher's weighted k-NN top-1 (%), None when the data has no labels, and its
-    attention maps in TensorBoard. The main process does both; the others wait."""
-    backbone = evaluation_backbone(state)  # a collective when sharded
-    result = None
-    if backbone is not None:  # the main process
-        result = knn_monitor(state, backbone, sources, transform)
-        log_attention_maps(metrics, backbone, sources, transform, state.step)
-    barrier()
-    return result
-
-
-def knn_monitor(state: TrainingState, backbone: nn.Module, sources: Sources,
-                transform: EvalTransform) -> float | None:
-    """Weighted k-NN top-1 (%) of the teacher backbone; None when the data has no labels."""
-    if sources.knn_train is None or sources.knn_test is None:
-        return None
-    config = state.config
-    train = fixed_subset(sources.knn_train, config.eval.knn_train_limit)
-    test = fixed_subset(sources.knn_test, config.eval.knn_test_limit)
-    arguments = (transform, state.device, config.eval.batch_size, config.data.num_workers,
-                 state.autocast_dtype)
-    train_features, train_labels = extract_features(backbone, train, *arguments)
-    test_features, test_labels = extract_features(backbone, test, *arguments)
-    accuracy = knn_accuracy(train_features, train_labels, test_features, test_labels,
-                            config.eval.knn_k, config.eval.knn_temperature)
-    return accuracy["top1"]
 
 
 @dataclass
