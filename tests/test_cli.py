@@ -302,3 +302,21 @@ def test_tiny_training_run(tmp_path: Path, fashion_root: Path) -> None:
     assert all(torch.equal(teacher[key], exported[key]) for key in exported)
     features = model.eval()(torch.randn(2, 3, 28, 28))
     assert features.shape == (2, model.num_features)
+
+
+def test_show_config_prints_every_key_and_trains_nothing(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         ) -> None:
+    """`dinolab train --show-config` prints the configuration that would train, the preset and
+    overrides resolved (options and overrides in any order), and writes no run folder."""
+    run_dir = tmp_path / "run"
+    arguments = ["imagenet_vit_small", "train.parallel=fsdp", f"run.dir={run_dir}"]
+    assert main(["train", "--show-config", *arguments]) == 0
+    printed = capsys.readouterr().out
+    assert printed == to_yaml(load_config("imagenet_vit_small",
+                                          ["train.parallel=fsdp", f"run.dir={run_dir}"]))
+    assert "parallel: fsdp" in printed and "out_dim: 65536" in printed  # override and preset
+    assert main(["train", "imagenet_vit_small", "--show-config", *arguments[1:]]) == 0
+    assert capsys.readouterr().out == printed
+    assert not run_dir.exists()
+    assert main(["train", "--show-config", "train.parallel=zero"]) == 2  # still validated

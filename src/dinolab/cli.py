@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from dinolab.config import ConfigError, load_config, preset_names
+from dinolab.config import ConfigError, load_config, preset_names, to_yaml
 
 # Exit statuses of ``dinolab train`` (README, "Crash safety and preemption").
 EXIT_CONFIG_ERROR = 2  # a mistake in the configuration, arguments or input files: nothing written
@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
         f"the demo preset is the base. Presets: {', '.join(preset_names())}.",
     )
     train.add_argument("arguments", nargs="*", metavar="PRESET_OR_YAML|key=value")
+    train.add_argument("--show-config", action="store_true",
+                       help="print the resolved configuration (every key, with its value) and "
+                       "exit without training")
     _add_evaluation_commands(commands)
     _add_visualization_commands(commands)
     return parser
@@ -125,6 +128,9 @@ def _split(arguments: list[str]) -> tuple[str | None, list[str]]:
 def _train(arguments: argparse.Namespace) -> int:
     base, overrides = _split(arguments.arguments)
     config = load_config(base, overrides)
+    if arguments.show_config:
+        print(to_yaml(config), end="")
+        return 0
     from dinolab.training.loop import CheckpointWriteError, NonFiniteLoss, RunStopped, train
 
     statuses: dict[type[Exception], int] = {NonFiniteLoss: EXIT_NON_FINITE,
@@ -212,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may follow options (knn RUN --k 20 data.root=...): argparse leaves
     # those it cannot place among the unknown arguments.
     arguments, unknown = parser.parse_known_args(argv)
-    if unknown and (getattr(arguments, "overrides", None) is None
+    extra: list[str] | None = next((getattr(arguments, name) for name in ("overrides", "arguments")
+                                    if getattr(arguments, name, None) is not None), None)
+    if unknown and (extra is None
                     or any("=" not in item or item.startswith("-") for item in unknown)):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if unknown:
-        arguments.overrides += unknown
+    if extra is not None:
+        extra += unknown
     try:
         return COMMANDS[arguments.command](arguments)
     except ConfigError as error:
