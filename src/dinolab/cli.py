@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         description="dinolab train [PRESET_OR_YAML] [key=value ...]; with no preset or YAML "
         f"the demo preset is the base. Presets: {', '.join(preset_names())}.",
     )
-    train.add_argument("arguments", nargs="*", metavar="PRESET_OR_YAML|key=value")
+    train.add_argument("overrides", nargs="*", metavar="PRESET_OR_YAML|key=value")
     train.add_argument("--show-config", action="store_true",
                        help="print the resolved configuration (every key, with its value) and "
                        "exit without training")
@@ -126,7 +126,7 @@ def _split(arguments: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _train(arguments: argparse.Namespace) -> int:
-    base, overrides = _split(arguments.arguments)
+    base, overrides = _split(arguments.overrides)
     config = load_config(base, overrides)
     if arguments.show_config:
         print(to_yaml(config), end="")
@@ -218,13 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may follow options (knn RUN --k 20 data.root=...): argparse leaves
     # those it cannot place among the unknown arguments.
     arguments, unknown = parser.parse_known_args(argv)
-    extra: list[str] | None = next((getattr(arguments, name) for name in ("overrides", "arguments")
-                                    if getattr(arguments, name, None) is not None), None)
-    if unknown and (extra is None
+    if unknown and (getattr(arguments, "overrides", None) is None
                     or any("=" not in item or item.startswith("-") for item in unknown)):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if extra is not None:
-        extra += unknown
+    if unknown:
+        arguments.overrides += unknown
     try:
         return COMMANDS[arguments.command](arguments)
     except ConfigError as error:

@@ -55,11 +55,11 @@ class Sources:
 def rgb_or_gray(image: Image.Image) -> Image.Image:
     """Any PIL image -> upright, "L" or "RGB" (the first frame of an animation, as opened).
 
-    Upright: an image that still carries an EXIF Orientation tag (a user's Dataset may hand over
-    opened photos) is turned as ``decode_image`` turns files, into a copy, leaving the user's
-    object alone. 16-bit grayscale keeps its range (scaled to 8 bits, not clipped); transparency
-    is composited over white instead of exposing whatever colour hides under alpha 0; palette,
-    CMYK, YCbCr, bilevel and the rest are converted by PIL.
+    Upright: an image that carries an EXIF Orientation tag (a file ``decode_image`` opened, or a
+    photo a user's Dataset hands over) is turned into a copy, leaving the user's object alone.
+    16-bit grayscale keeps its range (scaled to 8 bits, not clipped); transparency is composited
+    over white instead of exposing whatever colour hides under alpha 0; palette, CMYK, YCbCr,
+    bilevel and the rest are converted by PIL.
     """
     if image.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9):
         image = ImageOps.exif_transpose(image)
@@ -83,14 +83,13 @@ def rgb_or_gray(image: Image.Image) -> Image.Image:
 def decode_image(path: Path) -> Image.Image:
     """Read and fully decode one file -> an upright "L" or "RGB" image, or raise UnreadableImage.
 
-    Upright: the EXIF Orientation tag is applied, as image viewers do. Phone cameras store the
-    sensor's pixels and record the rotation in the tag, so without it their portrait photos
-    reach training and evaluation lying on their side.
+    Upright: the EXIF Orientation tag is applied (by ``rgb_or_gray``), as image viewers do.
+    Phone cameras store the sensor's pixels and record the rotation in the tag, so without it
+    their portrait photos reach training and evaluation lying on their side.
     """
     try:
         with Image.open(path) as image:
             image.load()  # decode now: a truncated file fails here, not in a worker's crop
-            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is no rotation
             return rgb_or_gray(image)
     except DECODE_ERRORS as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
