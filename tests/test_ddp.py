@@ -106,6 +106,28 @@ def skipped_on_all_processes(run_dir: Path, skipped_here: int) -> int:
     return log.check(torch.device("cpu"))
 
 
+def group_threads() -> list[str]:
+    """The names of this process's threads that belong to a process group: gloo's transport
+    and run loops, the TCP store's server (Linux names threads in /proc; elsewhere -> [])."""
+    tasks = Path("/proc/self/task")
+    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()] \
+        if tasks.is_dir() else []
+    return sorted(name for name in names if name.startswith(("gloo", "pt_gloo", "pt_tcpstore")))
+
+
+def record_group_threads(loop: Any) -> list[str]:
+    """-> a list that gets group_threads() as they are once train has made its group."""
+    seen: list[str] = []
+    train_in_group = loop._train
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen[:] = group_threads()
+        return train_in_group(*args, **kwargs)
+
+    loop._train = recording
+    return seen
+
+
 # --- the worker (one process of a 2-process group) ------------------------------------------
 
 
@@ -156,8 +178,10 @@ def worker(mode: str, out_dir: Path, data_root: Path | None) -> None:
 
         assert data_root is not None and not dist.is_initialized()
         overrides = train_overrides(data_root, out_dir / "run") + ["train.limit_steps_per_epoch=2"]
+        threads_during = record_group_threads(loop)
         result = loop.train(load_config(None, overrides))
-        torch.save({"epochs_done": result.epochs_done, "group_kept": dist.is_initialized()},
+        torch.save({"epochs_done": result.epochs_done, "group_kept": dist.is_initialized(),
+                    "threads_during": threads_during, "threads_after": group_threads()},
                    out_dir / f"rank{me}.pt")
     elif mode == "bad-files":
         from dinolab.data import skipping
@@ -353,6 +377,9 @@ def test_train_destroys_the_process_group_it_created(tmp_path: Path) -> None:
     assert [rank["epochs_done"] for rank in ranks] == [1, 1]
     assert f"{WORLD} process(es)" in (out_dir / "rank0.log").read_text()  # trained as a group
     assert [rank["group_kept"] for rank in ranks] == [False, False]
+    # Freed with its threads before train returns, not in the interpreter's teardown.
+    assert all(rank["threads_during"] for rank in ranks)
+    assert [rank["threads_after"] for rank in ranks] == [[], []]
 
 
 @pytest.mark.slow
