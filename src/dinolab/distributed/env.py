@@ -44,28 +44,28 @@ def shutdown(wait_for_others: bool = True) -> None:
     if wait_for_others:
         dist.barrier()  # a collective
     dist.destroy_process_group()
-    _release_groups_held_by_meshes()
+    _free_destroyed_groups()
 
 
-def _release_groups_held_by_meshes() -> None:
+def _free_destroyed_groups() -> None:
     """Let the destroyed groups be freed now, while the interpreter is whole.
 
-    FSDP's device meshes keep their process groups (``DeviceMesh._pg_registry`` in recent torch),
-    and DTensor's sharding caches keep the meshes for the life of the process. The groups, with
-    their backend threads (gloo's run loops, the TCP store), would then be freed only in the
-    interpreter's teardown, where a gloo rank aborts now and then ("terminate called without an
-    active exception", exit -6) after a run that succeeded. Emptying each mesh's registry once
-    the groups are destroyed frees them here: the meshes are of no further use anyway.
+    A group lives on, with its backend threads (gloo's run loops, the TCP store), while anything
+    holds it: FSDP's device meshes do (``DeviceMesh._pg_registry`` in recent torch), and DTensor's
+    sharding caches keep the meshes for the life of the process; a DDP module left in a
+    reference cycle does too. Freed only in the interpreter's teardown, a gloo group made a rank
+    abort now and then ("terminate called without an active exception", exit -6) after a run
+    that had succeeded. Emptying each mesh's registry (the meshes are of no further use) and
+    collecting the cycles frees the groups here.
     """
     device_mesh = sys.modules.get("torch.distributed.device_mesh")
     mesh_type = getattr(device_mesh, "DeviceMesh", None)
-    if mesh_type is None:  # no mesh was ever made: DDP, or no FSDP in this process
-        return
-    for candidate in gc.get_objects():
-        if type(candidate) is mesh_type:
-            registry = getattr(candidate, "_pg_registry", None)
-            if isinstance(registry, dict):
-                registry.clear()
+    if mesh_type is not None:
+        for candidate in gc.get_objects():
+            if type(candidate) is mesh_type:
+                registry = getattr(candidate, "_pg_registry", None)
+                if isinstance(registry, dict):
+                    registry.clear()
     gc.collect()
 
 
