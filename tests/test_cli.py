@@ -320,3 +320,13 @@ def test_show_config_prints_every_key_and_trains_nothing(tmp_path: Path,
     assert capsys.readouterr().out == printed
     assert not run_dir.exists()
     assert main(["train", "--show-config", "train.parallel=zero"]) == 2  # still validated
+
+
+def test_version_is_the_installed_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """`dinolab --version` and the package metadata pip recorded come from one place."""
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.split() == ["dinolab", version("dinolab")]

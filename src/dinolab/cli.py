@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from dinolab import __version__
 from dinolab.config import ConfigError, load_config, preset_names, to_yaml
 
 # Exit statuses of ``dinolab train`` (README, "Crash safety and preemption").
@@ -25,7 +26,11 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="dinolab", description=__doc__)
+    parser = _OneLineParser(
+        prog="dinolab", description="Self-supervised pre-training of vision backbones with DINO "
+        "(Caron et al., 2021), and the tools to evaluate and look at what they learned. "
+        "`dinolab COMMAND --help` tells more.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True,
                                      parser_class=_OneLineParser)
     train = commands.add_parser(
