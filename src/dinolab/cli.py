@@ -62,13 +62,17 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], list[int] | list
     return parse
 
 
+WEIGHTS_HELP = "the teacher's backbone (default; DINO evaluates it) or the student's"
+
+
 def _add_evaluation_commands(commands: argparse._SubParsersAction) -> None:
     """knn, linear, embed, export: a run folder, a checkpoint or an export, then options."""
     def evaluated(name: str, help_text: str, data: bool = True) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("path", metavar="CHECKPOINT_OR_RUN",
                              help="a run folder, a checkpoint .pt or an exported .safetensors")
-        command.add_argument("--weights", choices=("teacher", "student"), default="teacher")
+        command.add_argument("--weights", choices=("teacher", "student"), default="teacher",
+                             help=WEIGHTS_HELP)
         if data:
             command.add_argument("overrides", nargs="*", metavar="key=value",
                                  help="data.* overrides (default: the run's own data)")
@@ -77,23 +81,29 @@ def _add_evaluation_commands(commands: argparse._SubParsersAction) -> None:
         return command
 
     knn = evaluated("knn", "weighted k-NN accuracy (k-NN of L2-normalised features, T=0.07)")
-    knn.add_argument("--k", type=_positive(int), default=[10, 20, 100, 200], metavar="K,K,...")
-    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--k", type=_positive(int), default=[10, 20, 100, 200], metavar="K,K,...",
+                     help="neighbour counts, one accuracy each (default: 10,20,100,200)")
+    knn.add_argument("--temperature", type=float, default=0.07,
+                     help="a neighbour's vote is exp(cosine similarity / T) (default: 0.07)")
     linear = evaluated("linear", "linear probe on frozen features (several LRs at once)")
     linear.add_argument("--blocks", type=int, metavar="N",
                         help="[CLS] of the last N blocks (default 4 for ViTs, 1 otherwise)")
     linear.add_argument("--avgpool", action="store_true",
                         help="also the mean of the last block's patch tokens")
-    linear.add_argument("--epochs", type=int, default=100)
+    linear.add_argument("--epochs", type=int, default=100,
+                        help="passes over the frozen features (default: 100)")
     linear.add_argument("--lrs", type=_positive(float), metavar="LR,LR,...",
                         help="learning rates trained at once (default 1e-3 ... 1)")
     embed = evaluated("embed", "write embeddings (and labels, paths) to .npz or .parquet")
-    embed.add_argument("--out", required=True, metavar="FILE")
-    embed.add_argument("--split", choices=("train", "test"), default="train")
+    embed.add_argument("--out", required=True, metavar="FILE",
+                       help="FILE.npz, or FILE.parquet (needs pyarrow)")
+    embed.add_argument("--split", choices=("train", "test"), default="train",
+                       help="which split of the data (default: train)")
     embed.add_argument("--plot", metavar="FILE.png", help="a 2-D PCA map coloured by label")
     export = evaluated("export", "the backbone as safetensors + a JSON sidecar timm reads",
                        data=False)
-    export.add_argument("--out", required=True, metavar="FILE.safetensors")
+    export.add_argument("--out", required=True, metavar="FILE.safetensors",
+                        help="where the weights go; FILE.json, next to it, names the model")
 
 
 def _add_visualization_commands(commands: argparse._SubParsersAction) -> None:
@@ -102,16 +112,19 @@ def _add_visualization_commands(commands: argparse._SubParsersAction) -> None:
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("path", metavar="CHECKPOINT_OR_RUN",
                              help="a run folder, a checkpoint .pt or an exported .safetensors")
-        command.add_argument("images", nargs="+", metavar="IMAGE")
-        command.add_argument("--out", required=True, metavar="DIR")
-        command.add_argument("--weights", choices=("teacher", "student"), default="teacher")
+        command.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+        command.add_argument("--out", required=True, metavar="DIR",
+                             help="the folder the PNGs are written to")
+        command.add_argument("--weights", choices=("teacher", "student"), default="teacher",
+                             help=WEIGHTS_HELP)
         command.add_argument("--size", type=int, metavar="S", help="input side in pixels "
                              "(default: the run's crop size; ViTs: a multiple of the patch)")
         return command
 
     attention = looked_at("attention", "the last block's [CLS] attention per head, with the "
                           "masks that keep --threshold of its mass (ViTs)")
-    attention.add_argument("--threshold", type=float, default=0.6)
+    attention.add_argument("--threshold", type=float, default=0.6,
+                           help="the share of attention the masks keep (default: 0.6)")
     features = looked_at("features", "patch features as colours: PCA over the images' "
                          "foreground patches (any backbone)")
     features.add_argument("--keep-background", action="store_true",
@@ -119,7 +132,7 @@ def _add_visualization_commands(commands: argparse._SubParsersAction) -> None:
     plot = commands.add_parser("plot", help="training curves of a run as a PNG",
                                description="loss, learning rate, teacher entropy and KL, k-NN "
                                "from RUN_DIR/metrics.jsonl")
-    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder")
     plot.add_argument("--out", metavar="FILE.png", help="default: RUN_DIR/curves.png")
 
 
