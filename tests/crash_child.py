@@ -10,6 +10,7 @@ PLAN:
   temporary file, then the process SIGKILLs itself: a crash inside a checkpoint write.
 - ``kill-before-latest:N``: SIGKILL once the N-th step file is complete, before checkpoint.pt
   points to it.
+- ``raise:N``: the N-th optimizer step raises a RuntimeError: a bug, which no handler expects.
 
 The patches live here, in the test's child, not in the product: dinolab has no test hooks.
 """
@@ -71,6 +72,16 @@ def _arrange(plan: str) -> None:
             link_or_copy(source, target)
 
         checkpoint._link_or_copy = then_die  # type: ignore[assignment]
+    elif name == "raise":
+        train_step = loop.train_step
+
+        def failing_step(*arguments: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] >= int(count):
+                raise RuntimeError("a bug in the step")
+            return train_step(*arguments)
+
+        loop.train_step = failing_step  # type: ignore[assignment]
     elif name != "plain":
         raise SystemExit(f"unknown plan {plan}")
 

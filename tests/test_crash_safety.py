@@ -206,6 +206,22 @@ def test_a_signal_to_the_whole_job_with_loader_workers_saves_and_resumes(
     assert_same_networks(final_state(run_dir), reference)
 
 
+@pytest.mark.slow
+def test_a_bug_in_training_exits_with_its_traceback_not_a_hang(data_root: Path,
+                                                                tmp_path: Path) -> None:
+    """An unexpected error with loader workers running: the traceback, a failing status, and
+    the process ends. The traceback used to keep the loader alive into the interpreter's exit,
+    which then waited forever for workers that ignore SIGTERM."""
+    arguments = child_arguments(data_root, tmp_path / "run", "data.num_workers=1")
+    process = start("raise:2", arguments)
+    try:
+        _, err = process.communicate(timeout=60)  # it used to wait for ever
+    finally:
+        process.kill()
+    assert process.returncode == 1, err[-2000:]
+    assert err.rstrip().endswith("RuntimeError: a bug in the step"), err[-2000:]
+
+
 @pytest.fixture
 def run_main(capsys: pytest.CaptureFixture[str]):
     """dinolab.cli.main in this process -> (status, stdout, stderr); torch's global state kept."""

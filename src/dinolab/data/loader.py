@@ -138,6 +138,21 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def stop_workers(loader: DataLoader) -> None:
+    """End the loader's worker processes now (a no-op without any).
+
+    A persistent loader keeps its workers until it is freed, and they ignore SIGTERM
+    (``ignore_stop_signals``). When training raises, the traceback keeps the loader alive into
+    the interpreter's exit, where multiprocessing ends daemon children with SIGTERM and then
+    waits for them: a crashed run would hang there instead of exiting. DataLoader has no public
+    close; its iterator's own shutdown (what its finaliser calls) ends the workers.
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None  # a later epoch would start new workers
+
+
 def training_loader(dataset: Dataset, sampler: EpochSampler, batch_per_process: int,
                     num_workers: int, pin_memory: bool) -> DataLoader:
     """The loader of ``MultiCropDataset`` or ``DecodedImages``: batches of (lists of views, a

@@ -375,6 +375,7 @@ def _train(config: Config, dataset: Dataset | None, started: float) -> TrainResu
             knn_end = _train_epochs(state, data, run, sources, eval_transform)
     finally:
         metrics.close()
+        data.close()
     seconds = time.perf_counter() - started
     if knn_end is not None:
         say(f"{knn_label}: {knn_end:.1f}% (trained teacher, {seconds / 60:.1f} min)")

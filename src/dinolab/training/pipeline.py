@@ -33,6 +33,7 @@ from dinolab.data.loader import (
     EpochSampler,
     MultiCropDataset,
     sample_seed,
+    stop_workers,
     training_loader,
 )
 from dinolab.data.skipping import SkipLog
@@ -52,6 +53,10 @@ class TrainingData:
     skips: SkipLog
     prefetch: bool = False  # data.prefetch_views
     decode: JpegDecoder | None = None  # data.decode=device: the batches hold undecoded JPEGs
+
+    def close(self) -> None:
+        """End the loader's workers, however training ended (see ``stop_workers``)."""
+        stop_workers(self.loader)
 
     def views(self, batch: Any, device: torch.device, epoch: int,
               micro_batch: int) -> list[torch.Tensor]:
