@@ -1,4 +1,5 @@
-"""Backbone factory: local weights files (safetensors or torch) and their mistakes."""
+"""Backbone factory: local weights files (safetensors or torch) and their mistakes, and a
+backbone that cannot do what the configuration asks."""
 
 from __future__ import annotations
 
@@ -51,3 +52,19 @@ def test_a_file_that_is_not_weights_is_a_config_error(tmp_path: Path, name: str)
     path.write_bytes(b"this is not a checkpoint")
     with pytest.raises(ConfigError, match="is not a weights file"):
         build_network(load_config(None, [*SMALL, f"model.weights={path}"]), 0.0)
+
+
+def test_a_cnn_without_stochastic_depth_trains_with_drop_path_0(tmp_path: Path) -> None:
+    """GhostNet has no drop_path_rate keyword: with model.drop_path_rate=0 the student and the
+    teacher build, and the export's sidecar does not name the keyword; with the default 0.1
+    the run stops before training, naming the key and the fix."""
+    from dinolab.models.backbone import backbone_kwargs
+
+    config = load_config(None, ["model.backbone=ghostnet_050", "model.drop_path_rate=0"])
+    for rate in (config.model.drop_path_rate, 0.0):
+        assert build_network(config, rate).backbone.num_features > 0
+    assert "drop_path_rate" not in backbone_kwargs(config.model, 224, 0.0)
+    assert backbone_kwargs(load_config(None, []).model, 224, 0.0)["drop_path_rate"] == 0.0
+    with pytest.raises(ConfigError, match="model.drop_path_rate: timm's ghostnet_050 has no "
+                                          "stochastic depth .* set model.drop_path_rate=0"):
+        build_network(load_config(None, ["model.backbone=ghostnet_050"]), 0.1)

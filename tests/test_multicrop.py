@@ -75,7 +75,9 @@ def test_grouped_forward_equals_per_view_forward_vit(tmp_path: Path) -> None:
                                    atol=1e-5)
 
 
-@pytest.mark.parametrize("backbone", ["resnet10t"])
+# ResNet; MobileNetV3 and GhostNet, whose pre-logits layer widens the pooled features (the head
+# takes timm's head_hidden_size, not num_features); GhostNet has no drop path either.
+@pytest.mark.parametrize("backbone", ["resnet10t", "mobilenetv3_small_050", "ghostnet_050"])
 def test_cnn_backbone_through_the_same_path(tmp_path: Path, backbone: str) -> None:
     torch.manual_seed(0)
     # A YAML base instead of the demo preset, whose ViT backbone_kwargs a CNN does not take.

@@ -9,10 +9,12 @@ classifier is removed (``num_classes=0``): the backbone returns the final-normed
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
 from dinolab.config import ConfigError, ModelConfig
@@ -29,9 +31,33 @@ def _is_vision_transformer(name: str) -> bool:
     }
 
 
+@functools.cache
+def _takes_drop_path(name: str) -> bool:
+    """Whether the timm model has stochastic depth (a ``drop_path_rate`` keyword). Most do; VGG,
+    DenseNet, DLA, Inception, HRNet, DPN and GhostNet do not. Asked by building the model on
+    the meta device (no memory, no initialisation); any other failure is left to the real build
+    to report."""
+    if _is_vision_transformer(name):
+        return True
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=0.0)
+    except TypeError as error:
+        return "drop_path_rate" not in str(error)
+    except Exception:  # the real build, with the user's keywords, reports it
+        return True
+    return True
+
+
 def backbone_kwargs(config: ModelConfig, img_size: int, drop_path_rate: float) -> dict[str, Any]:
-    """The keyword arguments given to ``timm.create_model`` (saved with exports)."""
-    kwargs: dict[str, Any] = {"num_classes": 0, "drop_path_rate": drop_path_rate}
+    """The keyword arguments given to ``timm.create_model`` (saved with exports). The rate is
+    given even when 0 (the teacher's): a few timm models default to a non-zero one."""
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if _takes_drop_path(config.backbone):
+        kwargs["drop_path_rate"] = drop_path_rate
+    elif drop_path_rate > 0:
+        raise ConfigError(f"invalid value for model.drop_path_rate: timm's {config.backbone} has "
+                          "no stochastic depth (drop path); set model.drop_path_rate=0")
     if _is_vision_transformer(config.backbone):
         kwargs.update(img_size=img_size, dynamic_img_size=True)
         if config.patch_size is not None:
@@ -68,4 +94,7 @@ def load_weights(model: nn.Module, path: str) -> None:
 
 
 def feature_dim(model: nn.Module) -> int:
-    return int(model.num_features)  # type: ignore[arg-type]
+    """The width of what the backbone returns (num_classes=0): timm's ``head_hidden_size``, which
+    differs from ``num_features`` where a pre-logits layer follows the pooling (MobileNetV3 and
+    V4, GhostNet, LCNet, EfficientViT: 1280 after 960, say)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)  # type: ignore[arg-type]
