@@ -54,6 +54,17 @@ def test_a_file_that_is_not_weights_is_a_config_error(tmp_path: Path, name: str)
         build_network(load_config(None, [*SMALL, f"model.weights={path}"]), 0.0)
 
 
+def test_grad_checkpointing_of_a_backbone_without_it_is_a_config_error() -> None:
+    """timm's DLA cannot recompute its blocks: the run stops before training, naming the key."""
+    from dinolab.training.state import build_state
+
+    config = load_config(None, ["model.backbone=dla34", "model.drop_path_rate=0",
+                                "model.grad_checkpointing=true", "train.device=cpu",
+                                "train.precision=fp32"])
+    with pytest.raises(ConfigError, match="model.grad_checkpointing: timm's dla34 has no"):
+        build_state(config)
+
+
 def test_a_cnn_without_stochastic_depth_trains_with_drop_path_0(tmp_path: Path) -> None:
     """GhostNet has no drop_path_rate keyword: with model.drop_path_rate=0 the student and the
     teacher build, and the export's sidecar does not name the keyword; with the default 0.1

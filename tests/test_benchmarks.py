@@ -1,6 +1,6 @@
 """Smoke tests of the benchmarks at a tiny size: throughput.py's every mode and the peer run, and
-the table it writes holds one row per variant; augmentation_ops.py and sharding.py run. Speed
-itself is never asserted in tests."""
+the table it writes holds one row per variant; augmentation_ops.py, sharding.py and
+activation_memory.py run. Speed itself is never asserted in tests."""
 
 from __future__ import annotations
 
@@ -89,3 +89,20 @@ def test_sharding_benchmark_shows_fsdp_holding_half(tmp_path: Path) -> None:
     assert (ddp["parallel"], sharded["parallel"]) == ("ddp", "fsdp")
     for key in ("student_mib", "teacher_mib", "adamw_mib"):
         assert 0.4 * ddp[key] < sharded[key] < 0.6 * ddp[key], key
+
+
+def test_activation_memory_benchmark_counts_less_with_checkpointing() -> None:
+    """On the meta device at a tiny size: checkpointing keeps less, and the count grows with
+    the batch (it counts activations, not parameters)."""
+    import activation_memory
+
+    rows = activation_memory.main([
+        "--preset", "demo", "--backbone", "vit_tiny_patch16_224", "--batch", "2", "4",
+        "--global-crop", "28", "--local-crop", "14", "--local-crops", "2",
+        "--set", "model.patch_size=7", "--set", "model.head.out_dim=64",
+        "--set", "model.head.hidden_dim=32", "--set", "model.head.bottleneck_dim=16",
+        "--set", "model.backbone_kwargs={depth: 4, embed_dim: 32, num_heads: 2}",
+    ])
+    small, large = rows
+    assert small["checkpointed_bytes"] < 0.5 * small["plain_bytes"]
+    assert large["plain_bytes"] > 1.8 * small["plain_bytes"]

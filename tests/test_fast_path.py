@@ -2,9 +2,10 @@
 
 The switches are those that benchmarks/throughput.py turns off one at a time (its
 ``switch_variants``): grouped forward, fused attention, foreach AdamW, foreach EMA, clipping
-without host syncs; plus fused AdamW and torch.compile. Each variant runs three steps of the tiny
-fp32 configuration from the same initial weights on the same views; the tolerance is float32
-rounding (operations run in another order). bf16 and fp16 against fp32: test_precision.py.
+without host syncs; plus fused AdamW, torch.compile and gradient checkpointing. Each variant
+runs three steps of the tiny fp32 configuration from the same initial weights on the same views;
+the tolerance is float32 rounding (operations run in another order). bf16 and fp16 against
+fp32: test_precision.py.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ VALUES = StepValues(lr=1e-3, weight_decay=0.04, teacher_momentum=0.99, teacher_t
 STEPS = 3
 
 
-def _state(*extra: str) -> TrainingState:
+def _state(*extra: str, cnn: bool = False) -> TrainingState:
+    """The tiny configuration's state; ``cnn`` drops its ViT keywords (a CNN does not take them)."""
     torch.manual_seed(0)
-    overrides = tiny_overrides(Path("unused"), Path("unused"))
+    overrides = [item for item in tiny_overrides(Path("unused"), Path("unused"))
+                 if not (cnn and item.startswith(("model.backbone_kwargs", "model.patch_size")))]
     return build_state(load_config(None, overrides + ["optim.clip_grad=0.05", *extra]))
 
 
@@ -95,6 +98,39 @@ def test_fused_adamw_gives_the_same_steps(reference) -> None:
 def test_compiled_networks_give_the_same_steps(reference) -> None:
     torch._dynamo.reset()
     _assert_same(_train(_state("train.compile=true")), reference)
+
+
+def test_grad_checkpointing_gives_the_same_steps(reference) -> None:
+    """The student's blocks recompute their activations in the backward, with the same random
+    draws (drop path): the steps are the plain steps. The teacher, with no backward, keeps its
+    plain forward."""
+    state = _state("model.grad_checkpointing=true")
+    assert state.student_module.backbone.grad_checkpointing
+    assert not state.teacher.backbone.grad_checkpointing
+    _assert_same(_train(state), reference)
+
+
+@pytest.mark.parametrize("backbone", ["vit", "resnet"])
+def test_grad_checkpointing_keeps_less_for_the_backward(backbone: str) -> None:
+    """What autograd keeps from the student's forward for its backward, in bytes: with
+    checkpointing, each block keeps only its input, not its inner activations."""
+    cnn = backbone == "resnet"
+    extra = ["model.backbone=test_resnet"] if cnn else \
+        ["model.backbone_kwargs={depth: 4, embed_dim: 32, num_heads: 2}"]
+
+    def kept_bytes(*switch: str) -> int:
+        student, kept = _state(*extra, *switch, cnn=cnn).student_module, [0]
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            kept[0] += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            student(_views())
+        return kept[0]
+
+    plain, checkpointed = kept_bytes(), kept_bytes("model.grad_checkpointing=true")
+    assert checkpointed < 0.5 * plain, (checkpointed, plain)
 
 
 def test_clipping_without_host_syncs_equals_the_reference_clipping() -> None:

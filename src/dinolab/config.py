@@ -90,6 +90,9 @@ class ModelConfig:
     # timm attention: fused (scaled_dot_product_attention) or eager; auto: fused on GPUs, eager
     # on CPUs, where it made the demo's step 1.4x faster (17-token sequences; docs/LOG.md)
     attention: str = "auto"
+    # Student only: recompute each block's activations in the backward instead of keeping them
+    # (timm's set_grad_checkpointing). Much less memory for a longer step; same numbers.
+    grad_checkpointing: bool = False
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
     head: HeadConfig = field(default_factory=HeadConfig)
 

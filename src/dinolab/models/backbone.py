@@ -82,6 +82,18 @@ def create_backbone(config: ModelConfig, img_size: int, drop_path_rate: float) -
     return model
 
 
+def enable_grad_checkpointing(backbone: nn.Module, name: str) -> None:
+    """Recompute the backbone's block activations in the backward (timm's non-reentrant
+    checkpointing) instead of keeping them: the activation memory of one block instead of all.
+    The recomputed forward replays the same random draws (drop path), so the gradients are
+    those of the plain backward."""
+    try:
+        backbone.set_grad_checkpointing(True)  # type: ignore[operator]
+    except (AttributeError, AssertionError, NotImplementedError):
+        raise ConfigError(f"invalid value for model.grad_checkpointing: timm's {name} has no "
+                          "gradient checkpointing") from None
+
+
 def load_weights(model: nn.Module, path: str) -> None:
     """Load a local backbone file: timm weights, a dinolab checkpoint or export, or a checkpoint
     of the authors' DINO repository (teacher preferred); see ``models/weights.py``."""

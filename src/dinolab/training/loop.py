@@ -47,7 +47,8 @@ from dinolab.training.teacher_monitor import look_at_teacher
 # Keys that may differ when a run folder is resumed: where it runs and how it reports.
 RESUMABLE_CHANGES = ("run.", "data.num_workers", "data.root", "data.download",
                      "data.max_bad_fraction", "data.prefetch_views", "data.decode", "eval.",
-                     "train.device", "train.compile", "train.parallel")
+                     "train.device", "train.compile", "train.parallel",
+                     "model.grad_checkpointing")
 
 
 __all__ = ["CheckpointWriteError", "NonFiniteLoss", "RunStopped", "TrainResult", "train"]

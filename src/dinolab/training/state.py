@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dinolab.config import Config, ConfigError
 from dinolab.distributed import fsdp, is_main_process, world_size
 from dinolab.losses import DINOLoss
-from dinolab.models.backbone import create_backbone, feature_dim
+from dinolab.models.backbone import create_backbone, enable_grad_checkpointing, feature_dim
 from dinolab.models.head import DINOHead
 from dinolab.models.multicrop import MultiCropNetwork
 from dinolab.models.teacher import copy_student_into_teacher
@@ -185,6 +185,8 @@ def build_state(config: Config) -> TrainingState:
     fused = use_fused_attention(config.model.attention, device)
     for network in (student, teacher):
         set_fused_attention(network, fused)
+    if config.model.grad_checkpointing:  # the teacher has no backward to save memory for
+        enable_grad_checkpointing(student.backbone, config.model.backbone)
     if config.train.compile:  # in place: parameter names and checkpoints stay the same
         for network in (student, teacher):  # static shapes: one graph per crop size
             network.backbone.compile(dynamic=False)
