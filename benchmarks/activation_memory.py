@@ -4,8 +4,9 @@
 The student is built on PyTorch's meta device, so nothing is allocated and nothing computed: the
 figures for ViT-B/16 at batch 64 come out on a laptop in seconds. Each tensor saved for the
 backward is counted once per storage (views of one tensor share it), weights not, in the dtype
-it has in a float32 forward; bf16 autocast keeps most of them at half the size. Parameters, gradients, AdamW's
-state and the teacher (no backward) come on top, and the allocator's slack on top of that.
+it has in a float32 forward; bf16 autocast keeps most of them at half the size. Parameters,
+gradients, AdamW's state and the teacher (no backward) come on top, and the allocator's slack
+on top of that.
 
   python benchmarks/activation_memory.py                       # ViT-S/16, 2x224 + 10x96, batch 64
   python benchmarks/activation_memory.py --backbone vit_base_patch16_224 --batch 32 64

@@ -31,6 +31,10 @@ WORLD = 2
 BATCH = 8  # global batch: 4 images per process
 STEPS = 3
 ACCUMULATIONS = (1, 2)  # 2: each process accumulates 2 micro-batches of 2 (DDP's no_sync path)
+# The runs each rank makes: one per accumulation, and one recomputing the student's activations
+# in the backward (model.grad_checkpointing), whose steps must be the plain ones.
+VARIANTS = tuple(f"accumulation_{k}" for k in ACCUMULATIONS) + ("checkpointed",)
+CHECKPOINTED = "model.grad_checkpointing=true"
 LR = 1e-3
 TIMEOUT_S = 240
 # Tolerances: the processes compute the same sums in another order (and with 1 thread instead of
@@ -150,6 +154,8 @@ def worker(mode: str, out_dir: Path, data_root: Path | None) -> None:
         config = step_config(out_dir / "unused")
         result: dict[str, Any] = {f"accumulation_{k}": run_steps(config, me, WORLD, k)
                                   for k in ACCUMULATIONS}
+        result["checkpointed"] = run_steps(step_config(out_dir / "unused", CHECKPOINTED), me,
+                                           WORLD, 1)
         # What train() does: seed + rank, then build the state (DDP broadcasts rank 0's student).
         torch.manual_seed(config.train.seed + me)
         state = build_state(config)
@@ -268,10 +274,9 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accumulation", ACCUMULATIONS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_two_processes_equal_one_process(ranks: list[dict[str, Any]],
-                                         one_process: dict[str, Any], accumulation: int) -> None:
-    name = f"accumulation_{accumulation}"
+                                         one_process: dict[str, Any], name: str) -> None:
     mean_loss = torch.stack([rank[name]["losses"] for rank in ranks]).mean(dim=0)
     torch.testing.assert_close(mean_loss, one_process["losses"], **TOLERANCE)
     for rank in ranks:

@@ -24,11 +24,13 @@ from conftest import make_fashion_mnist
 from equivalence import assert_networks_close, assert_tensors_close
 from test_ddp import (
     ACCUMULATIONS,
+    CHECKPOINTED,
     KEY_BIAS_TOLERANCE,
     PROC_NAMES_THREADS,
     STEPS,
     TIMEOUT_S,
     TOLERANCE,
+    VARIANTS,
     WORLD,
     global_batches,
     group_threads,
@@ -69,6 +71,8 @@ def worker(mode: str, out_dir: Path, data_root: Path | None) -> None:
     config = step_config(out_dir / "unused", SHARDED)
     saved: dict[str, Any] = {f"accumulation_{k}": run_steps(config, me, WORLD, k)
                              for k in ACCUMULATIONS}
+    saved["checkpointed"] = run_steps(step_config(out_dir / "unused", SHARDED, CHECKPOINTED),
+                                      me, WORLD, 1)
     # A checkpoint after STEPS steps, loaded by freshly built sharded states, which go on.
     torch.manual_seed(0)
     state = build_state(config)
@@ -107,12 +111,12 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accumulation", ACCUMULATIONS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_two_sharded_processes_equal_one_process(ranks: tuple[Path, list[dict[str, Any]]],
-                                                 one_process: dict[str, Any],
-                                                 accumulation: int) -> None:
+                                                 one_process: dict[str, Any], name: str) -> None:
+    """Also with the blocks recomputed in the backward: each recomputed unit all-gathers its
+    shards again, and the steps stay those of one plain process."""
     _, (main, other) = ranks
-    name = f"accumulation_{accumulation}"
     mean_loss = (main[name]["losses"] + other[name]["losses"]) / 2
     torch.testing.assert_close(mean_loss, one_process["losses"], **TOLERANCE)
     for part in ("student", "teacher"):
