@@ -79,3 +79,28 @@ def test_a_cnn_without_stochastic_depth_trains_with_drop_path_0(tmp_path: Path) 
     with pytest.raises(ConfigError, match="model.drop_path_rate: timm's ghostnet_050 has no "
                                           "stochastic depth .* set model.drop_path_rate=0"):
         build_network(load_config(None, ["model.backbone=ghostnet_050"]), 0.1)
+
+
+def test_pretrained_without_released_weights_is_a_config_error() -> None:
+    """timm would quietly start GhostNet-0.5 from random weights."""
+    config = load_config(None, ["model.backbone=ghostnet_050", "model.drop_path_rate=0",
+                                "model.pretrained=true"])
+    with pytest.raises(ConfigError, match="model.pretrained: timm has no released weights for "
+                                          "ghostnet_050"):
+        build_network(config, 0.0)
+
+
+def test_pretrained_weights_that_cannot_be_fetched_are_a_config_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline: one line with timm's reason and the way out, instead of the hub's traceback."""
+    import timm
+
+    def offline(name: str, pretrained: bool = False, **kwargs: object) -> torch.nn.Module:
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    config = load_config(None, [*SMALL, "model.pretrained=true"])
+    with pytest.raises(ConfigError, match=r"model.pretrained: timm could not load the released "
+                       r"weights of vit_tiny_patch16_224 \(We couldn't connect to "
+                       r"'https://huggingface.co'.\); without network access, model.weights"):
+        build_network(config, 0.0)

@@ -73,13 +73,32 @@ def create_backbone(config: ModelConfig, img_size: int, drop_path_rate: float) -
             f"invalid value for model.backbone: {config.backbone!r} is not a timm model"
         )
     kwargs = backbone_kwargs(config, img_size, drop_path_rate)
+    if config.pretrained:
+        _check_released_weights(config.backbone)
     try:
         model = timm.create_model(config.backbone, pretrained=config.pretrained, **kwargs)
     except TypeError as error:
         raise ConfigError(f"invalid value for model.backbone_kwargs: {error}") from None
+    except Exception as error:
+        if not config.pretrained:
+            raise
+        # The download (no network, no such file on the hub) or weights that do not fit.
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"invalid value for model.pretrained: timm could not load the "
+                          f"released weights of {config.backbone} ({reason}); without network "
+                          "access, model.weights=FILE loads a local file") from None
     if config.weights:
         load_weights(model, config.weights)
     return model
+
+
+def _check_released_weights(name: str) -> None:
+    """timm initialises a model it has no weights for at random, with only a log warning: a
+    run asked for released weights would quietly train from scratch."""
+    source = timm.models.get_pretrained_cfg(name)
+    if source is None or not (source.hf_hub_id or source.url or source.file):
+        raise ConfigError(f"invalid value for model.pretrained: timm has no released weights "
+                          f"for {name} (model.weights=FILE loads a local file)")
 
 
 def enable_grad_checkpointing(backbone: nn.Module, name: str) -> None:
