@@ -21,7 +21,7 @@ from dinolab.evaluation.features import extract_features
 from dinolab.evaluation.knn import knn_accuracy
 from dinolab.training.state import build_network
 
-TABLE_ROW = re.compile(r"^\s*(\d+)\s+(\d+\.\d)%\s+(\d+\.\d)%$", re.MULTILINE)
+TABLE_ROW = re.compile(r"^\s*(\d+)\s+(\d+\.\d)%\s+(\d+\.\d)%(?:\s+\(.*\))?$", re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,9 @@ def test_knn_prints_the_table_and_caches_the_features(run_dir: Path, dinolab) ->
     rows = {int(k): (float(top1), float(top5)) for k, top1, top5 in TABLE_ROW.findall(out)}
     assert sorted(rows) == [10, 20, 100, 200]
     assert f"{rows[20][0]:.1f}" == f"{_expected_knn_top1(run_dir, 20):.1f}"
-    assert rows[100] == rows[200]  # both use all 96 train images
+    assert rows[100] == rows[200]  # both use all 96 train images, and say so
+    assert re.findall(r"^\s*(\d+) .*\(k > 96: every train image votes\)$", out, re.M) == \
+        ["100", "200"]
     assert out.count("extracted") == 2  # train and test
     cached = _cache_files(run_dir)
     assert len(cached) == 2

@@ -71,7 +71,9 @@ def run_knn(path: str, weights: str = "teacher", data_path: str | None = None,
           f"{len(test_labels)} test images")
     print(f"{'k':>5} {'top-1':>7} {'top-5':>7}")
     for k, accuracy in results.items():
-        print(f"{k:>5} {accuracy['top1']:>6.1f}% {accuracy['top5']:>6.1f}%")
+        every = f"  (k > {len(train_labels)}: every train image votes)" \
+            if k > len(train_labels) else ""
+        print(f"{k:>5} {accuracy['top1']:>6.1f}% {accuracy['top5']:>6.1f}%{every}")
     return results
 
 
