@@ -183,10 +183,13 @@ def test_rerunning_a_finished_run_changes_nothing_and_reports_it(
 ) -> None:
     run_dir = uninterrupted()
     before = checkpoint(run_dir)
+    capsys.readouterr()  # what the run itself printed
     result = loop.train(config_for(data_root, run_dir))
     assert result.epochs_done == before["epoch"]
     assert_same_training_state(checkpoint(run_dir), before)
-    assert "holds a finished run (2 epochs); its k-NN top-1 (k=20):" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "holds a finished run (2 epochs); its k-NN top-1 (k=20):" in out
+    assert "training " not in out  # no start line for a run that does not start
 
 
 def test_non_finite_loss_stops_without_a_checkpoint(

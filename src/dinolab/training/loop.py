@@ -367,9 +367,11 @@ def _train(config: Config, dataset: Dataset | None, started: float) -> TrainResu
         if knn_start is not None:
             say(f"{knn_label}: {knn_start:.1f}% (teacher at initialisation)")
             metrics.log("knn", 0, {"epoch": 0, "knn_top1": knn_start})
-    say(f"training {config.model.backbone} on {num_images} images: {length.epochs} epochs of "
-        f"{length.steps_per_epoch} steps, batch {config.train.batch_size}, "
-        f"{world_size()} process(es){' (FSDP)' if state.sharded else ''}, {state.device.type}")
+    if state.epoch < config.train.epochs:  # a finished run has said so (_resume)
+        say(f"training {config.model.backbone} on {num_images} images: {length.epochs} epochs "
+            f"of {length.steps_per_epoch} steps, batch {config.train.batch_size}, "
+            f"{world_size()} process(es){' (FSDP)' if state.sharded else ''}, "
+            f"{state.device.type}")
 
     try:
         with run.control:
