@@ -51,3 +51,39 @@ def test_bf16_steps_are_reproducible() -> None:
     views = [torch.randn(8, 3, 28, 28, generator=generator) for _ in range(2)]
     views += [torch.randn(8, 3, 14, 14, generator=generator) for _ in range(2)]
     assert _losses("bf16", views) == _losses("bf16", views)
+
+
+def _cnn(*extra: str):
+    return load_config(None, ["model.backbone=resnet18", "model.backbone_kwargs={}",
+                              "model.patch_size=null", "train.device=cpu", *extra])
+
+
+def test_the_convolutions_that_small_crops_leave_one_pixel_are_found() -> None:
+    """ResNet-18 reduces 32x: a 14 px crop gives layer4's first, strided convolution a 1x1 map;
+    32 px crops and ViTs give none."""
+    from dinolab.models.backbone import strided_convolutions_of_one_pixel
+
+    assert strided_convolutions_of_one_pixel(_cnn().model, [28, 14]) == ["layer4.0.conv1 at 14 px"]
+    assert strided_convolutions_of_one_pixel(_cnn().model, [64, 32]) == []
+    assert strided_convolutions_of_one_pixel(load_config(None, []).model, [28, 14]) == []
+
+
+def test_cpu_bf16_is_not_used_where_its_convolution_gradients_are_wrong(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """oneDNN's bf16 weight gradient of a strided convolution of a 1x1 map is garbage (LOG.md):
+    precision=auto trains such a CNN in fp32 and says why; an explicit bf16 stops, naming the
+    key; larger crops keep bf16."""
+    from dinolab.config import ConfigError
+    from dinolab.training import state
+
+    monkeypatch.setattr(state, "native_bf16", lambda device: True)  # as on this CPU
+    cpu = torch.device("cpu")
+    assert state.training_precision(_cnn("train.precision=auto"), cpu) is None
+    assert "fp32, not bf16: bf16 on the CPU computes wrong gradients for resnet18's " \
+           "layer4.0.conv1 at 14 px" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="invalid value for train.precision: bf16 on the CPU"):
+        state.training_precision(_cnn("train.precision=bf16"), cpu)
+    larger = _cnn("train.precision=auto", "data.global_crop_size=64", "data.local_crop_size=32")
+    assert state.training_precision(larger, cpu) == torch.bfloat16
+    assert state.training_precision(load_config(None, ["train.precision=auto"]), cpu) == \
+        torch.bfloat16  # the demo's ViT

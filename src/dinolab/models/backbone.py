@@ -101,6 +101,33 @@ def _check_released_weights(name: str) -> None:
                           f"for {name} (model.weights=FILE loads a local file)")
 
 
+def strided_convolutions_of_one_pixel(config: ModelConfig, crop_sizes: list[int]) -> list[str]:
+    """The backbone's dense strided convolutions (kernel > 1) that get a 1x1 map at one of the
+    crop sizes: "layer4.0.conv1 at 14 px". A CNN reducing 32x leaves its last stages such maps
+    on small crops. Traced on the meta device (no memory, no compute); [] for ViTs, or where
+    the trace fails."""
+    if _is_vision_transformer(config.backbone):
+        return []
+    found: list[str] = []
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(config.backbone, pretrained=False,
+                                      **backbone_kwargs(config, max(crop_sizes), 0.0)).eval()
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Conv2d) and module.groups == 1 and \
+                    max(module.stride) > 1 and max(module.kernel_size) > 1:
+                module.register_forward_pre_hook(
+                    lambda module, inputs, name=name: found.append(name)
+                    if inputs[0].shape[-2:] == (1, 1) else None)
+        for size in crop_sizes:
+            before = len(found)
+            model(torch.empty(1, 3, size, size, device="meta"))
+            found[before:] = [f"{name} at {size} px" for name in found[before:]]
+    except Exception:  # an exotic model the meta trace cannot run: nothing to report
+        return []
+    return found
+
+
 def enable_grad_checkpointing(backbone: nn.Module, name: str) -> None:
     """Recompute the backbone's block activations in the backward (timm's non-reentrant
     checkpointing) instead of keeping them: the activation memory of one block instead of all.

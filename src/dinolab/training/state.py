@@ -19,10 +19,16 @@ from torch.nn.parallel import DistributedDataParallel
 from dinolab.config import Config, ConfigError
 from dinolab.distributed import fsdp, is_main_process, world_size
 from dinolab.losses import DINOLoss
-from dinolab.models.backbone import create_backbone, enable_grad_checkpointing, feature_dim
+from dinolab.models.backbone import (
+    create_backbone,
+    enable_grad_checkpointing,
+    feature_dim,
+    strided_convolutions_of_one_pixel,
+)
 from dinolab.models.head import DINOHead
 from dinolab.models.multicrop import MultiCropNetwork
 from dinolab.models.teacher import copy_student_into_teacher
+from dinolab.training.monitor import say
 from dinolab.training.optim import build_optimizer
 
 
@@ -50,6 +56,28 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         name = "bf16" if native_bf16(device) else "fp32"
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def training_precision(config: Config, device: torch.device) -> torch.dtype | None:
+    """``resolve_precision`` for training, less a PyTorch bug. On the CPU (oneDNN), bf16 gives
+    a strided convolution of a 1x1 map wrong weight gradients (garbage in the kernel taps that
+    see only padding; sometimes inf), which small crops cause in a CNN (docs/LOG.md). ``auto``
+    then trains in fp32 and says why; an explicit ``bf16`` stops with one line."""
+    dtype = resolve_precision(config.train.precision, device)
+    if dtype != torch.bfloat16 or device.type != "cpu":
+        return dtype
+    data = config.data
+    sizes = [data.global_crop_size] + ([data.local_crop_size] if data.num_local_crops else [])
+    hit = strided_convolutions_of_one_pixel(config.model, sizes)
+    if not hit:
+        return dtype
+    problem = (f"bf16 on the CPU computes wrong gradients for {config.model.backbone}'s "
+               f"{hit[0]} (a strided convolution of a 1x1 map: a PyTorch oneDNN bug)")
+    if config.train.precision == "bf16":
+        raise ConfigError(f"invalid value for train.precision: {problem}; use fp32, or crops "
+                          "large enough to leave the last stage more than 1x1")
+    say(f"precision: fp32, not bf16: {problem}")
+    return None
 
 
 def use_fused_attention(choice: str, device: torch.device) -> bool:
@@ -179,7 +207,7 @@ class TrainingState:
 
 def build_state(config: Config) -> TrainingState:
     device = resolve_device(config.train.device)
-    autocast_dtype = resolve_precision(config.train.precision, device)
+    autocast_dtype = training_precision(config, device)
     student = build_network(config, config.model.drop_path_rate).to(device)
     teacher = build_network(config, 0.0).to(device)
     fused = use_fused_attention(config.model.attention, device)
