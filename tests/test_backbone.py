@@ -104,3 +104,16 @@ def test_pretrained_weights_that_cannot_be_fetched_are_a_config_error(
                        r"weights of vit_tiny_patch16_224 \(We couldn't connect to "
                        r"'https://huggingface.co'.\); without network access, model.weights"):
         build_network(config, 0.0)
+
+
+@pytest.mark.parametrize("backbone", ["swin_tiny_patch4_window7_224", "beit_base_patch16_224"])
+def test_a_backbone_built_for_one_size_is_refused_before_training(backbone: str) -> None:
+    """Swin (and BEiT, which has no dynamic_img_size) fail on the 96 px local crops: one line
+    naming the key and the model's reason, instead of a shape error at the first step."""
+    from dinolab.training.state import build_state
+
+    config = load_config("imagenet_vit_small", [f"model.backbone={backbone}",
+                                                "model.drop_path_rate=0", "train.device=cpu"])
+    with pytest.raises(ConfigError, match=f"data.local_crop_size: timm's {backbone} does not "
+                                          "take 96 px crops after 224 px ones .*doesn't match"):
+        build_state(config)

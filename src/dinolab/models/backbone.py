@@ -27,7 +27,7 @@ def _is_vision_transformer(name: str) -> bool:
     module = entry.__module__.rsplit(".", 1)[-1]
     return module in {
         "vision_transformer", "deit", "eva", "vision_transformer_hybrid", "vision_transformer_sam",
-        "beit", "vision_transformer_relpos", "cait", "xcit",
+        "vision_transformer_relpos", "cait", "xcit",
     }
 
 
@@ -101,6 +101,34 @@ def _check_released_weights(name: str) -> None:
                           f"for {name} (model.weights=FILE loads a local file)")
 
 
+def _on_meta_device(config: ModelConfig, img_size: int) -> nn.Module:
+    """The backbone without memory or initialisation, for tracing shapes."""
+    with torch.device("meta"):
+        return timm.create_model(config.backbone, pretrained=False,
+                                 **backbone_kwargs(config, img_size, 0.0)).eval()
+
+
+def check_crop_sizes(config: ModelConfig, global_size: int, local_size: int | None) -> None:
+    """DINO gives the backbone every crop size. ViTs (built for any size) and CNNs take them;
+    Swin, MaxViT, CoaT, PiT, LeViT or Hiera are built for one size and fail on the other,
+    at the first step, with a shape error. Traced on the meta device (in well under a second):
+    a model the trace cannot run even at its own size is left to the real run."""
+    try:
+        model = _on_meta_device(config, global_size)
+        model(torch.empty(2, 3, global_size, global_size, device="meta"))
+    except Exception:
+        return
+    if local_size is None:
+        return
+    try:
+        model(torch.empty(2, 3, local_size, local_size, device="meta"))
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"invalid value for data.local_crop_size: timm's {config.backbone} "
+                          f"does not take {local_size} px crops after {global_size} px ones "
+                          f"({reason}); a ViT or a CNN takes every size") from None
+
+
 def strided_convolutions_of_one_pixel(config: ModelConfig, crop_sizes: list[int]) -> list[str]:
     """The backbone's dense strided convolutions (kernel > 1) that get a 1x1 map at one of the
     crop sizes: "layer4.0.conv1 at 14 px". A CNN reducing 32x leaves its last stages such maps
@@ -110,9 +138,7 @@ def strided_convolutions_of_one_pixel(config: ModelConfig, crop_sizes: list[int]
         return []
     found: list[str] = []
     try:
-        with torch.device("meta"):
-            model = timm.create_model(config.backbone, pretrained=False,
-                                      **backbone_kwargs(config, max(crop_sizes), 0.0)).eval()
+        model = _on_meta_device(config, max(crop_sizes))
         for name, module in model.named_modules():
             if isinstance(module, nn.Conv2d) and module.groups == 1 and \
                     max(module.stride) > 1 and max(module.kernel_size) > 1:

@@ -20,6 +20,7 @@ from dinolab.config import Config, ConfigError
 from dinolab.distributed import fsdp, is_main_process, world_size
 from dinolab.losses import DINOLoss
 from dinolab.models.backbone import (
+    check_crop_sizes,
     create_backbone,
     enable_grad_checkpointing,
     feature_dim,
@@ -207,6 +208,9 @@ class TrainingState:
 
 def build_state(config: Config) -> TrainingState:
     device = resolve_device(config.train.device)
+    data = config.data
+    check_crop_sizes(config.model, data.global_crop_size,
+                     data.local_crop_size if data.num_local_crops else None)
     autocast_dtype = training_precision(config, device)
     student = build_network(config, config.model.drop_path_rate).to(device)
     teacher = build_network(config, 0.0).to(device)
