@@ -46,3 +46,25 @@ def test_a_labelled_dataset_feeds_the_knn_monitor(tmp_path: Path, labelled: bool
             assert accuracy * 6 / 100 == pytest.approx(round(accuracy * 6 / 100))
     else:
         assert result.knn_start is None and result.knn_end is None
+
+
+def test_a_dataset_of_tensors_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    """A Dataset that already applies ToTensor: one clear error before anything is written,
+    not an AttributeError from deep inside the loader."""
+    import torch
+
+    from dinolab.config import ConfigError
+
+    class Tensors(Dataset):
+        def __len__(self) -> int:
+            return 64
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            return torch.rand(3, 28, 28), 0
+
+    run_dir = tmp_path / "run"
+    config = load_config(None, tiny_overrides(tmp_path, run_dir))
+    with pytest.raises(ConfigError, match="item 0 holds a torch.Tensor, not a PIL image: .* "
+                                          "return the image before any ToTensor"):
+        train(config, dataset=Tensors())
+    assert not run_dir.exists()

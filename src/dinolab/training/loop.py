@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from dinolab.config import Config, ConfigError, from_dict, to_dict, to_yaml
@@ -281,6 +282,12 @@ def _training_sources(config: Config, dataset: Dataset | None,
     if dataset is None:
         return build_sources(config.data)
     pairs = _AsPairs(dataset)
+    first = pairs[0][0] if len(pairs) else None
+    if not isinstance(first, Image.Image):  # a tensor after ToTensor, a path, an array
+        kind = f"{type(first).__module__}.{type(first).__qualname__}".removeprefix("builtins.")
+        raise ConfigError(f"the Dataset's item 0 holds a {kind}, not a PIL image: dinolab makes "
+                          "its views from PIL images, so return the image before any ToTensor "
+                          "(torchvision.transforms.functional.to_pil_image converts a tensor)")
     if len(pairs) < 2 or pairs[0][1] == UNLABELLED:
         return Sources(train=pairs)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0)).tolist()
