@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 
-from dinolab.config import load_config
+from dinolab.config import Config, load_config
 from dinolab.training.state import build_state, resolve_precision
 from dinolab.training.step import StepValues, train_step
 
@@ -61,11 +61,11 @@ def _cnn(*extra: str):
 def test_the_convolutions_that_small_crops_leave_one_pixel_are_found() -> None:
     """ResNet-18 reduces 32x: a 14 px crop gives layer4's first, strided convolution a 1x1 map;
     32 px crops and ViTs give none."""
-    from dinolab.models.backbone import strided_convolutions_of_one_pixel
+    from dinolab.models.backbone import trace_crop_sizes
 
-    assert strided_convolutions_of_one_pixel(_cnn().model, [28, 14]) == ["layer4.0.conv1 at 14 px"]
-    assert strided_convolutions_of_one_pixel(_cnn().model, [64, 32]) == []
-    assert strided_convolutions_of_one_pixel(load_config(None, []).model, [28, 14]) == []
+    assert trace_crop_sizes(_cnn().model, 28, 14) == ["layer4.0.conv1 at 14 px"]
+    assert trace_crop_sizes(_cnn().model, 64, 32) == []
+    assert trace_crop_sizes(load_config(None, []).model, 28, 14) == []
 
 
 def test_cpu_bf16_is_not_used_where_its_convolution_gradients_are_wrong(
@@ -74,16 +74,23 @@ def test_cpu_bf16_is_not_used_where_its_convolution_gradients_are_wrong(
     precision=auto trains such a CNN in fp32 and says why; an explicit bf16 stops, naming the
     key; larger crops keep bf16."""
     from dinolab.config import ConfigError
+    from dinolab.models.backbone import trace_crop_sizes
     from dinolab.training import state
 
     monkeypatch.setattr(state, "native_bf16", lambda device: True)  # as on this CPU
     cpu = torch.device("cpu")
-    assert state.training_precision(_cnn("train.precision=auto"), cpu) is None
+
+    def training_precision(config: Config) -> torch.dtype | None:
+        data = config.data
+        traced = trace_crop_sizes(config.model, data.global_crop_size, data.local_crop_size)
+        return state.training_precision(config, cpu, traced)
+
+    assert training_precision(_cnn("train.precision=auto")) is None
     assert "fp32, not bf16: bf16 on the CPU computes wrong gradients for resnet18's " \
            "layer4.0.conv1 at 14 px" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="invalid value for train.precision: bf16 on the CPU"):
-        state.training_precision(_cnn("train.precision=bf16"), cpu)
+        training_precision(_cnn("train.precision=bf16"))
     larger = _cnn("train.precision=auto", "data.global_crop_size=64", "data.local_crop_size=32")
-    assert state.training_precision(larger, cpu) == torch.bfloat16
-    assert state.training_precision(load_config(None, ["train.precision=auto"]), cpu) == \
+    assert training_precision(larger) == torch.bfloat16
+    assert training_precision(load_config(None, ["train.precision=auto"])) == \
         torch.bfloat16  # the demo's ViT

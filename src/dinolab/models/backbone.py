@@ -83,9 +83,9 @@ def create_backbone(config: ModelConfig, img_size: int, drop_path_rate: float) -
         if not config.pretrained:
             raise
         # The download (no network, no such file on the hub) or weights that do not fit.
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ConfigError(f"invalid value for model.pretrained: timm could not load the "
-                          f"released weights of {config.backbone} ({reason}); without network "
+                          f"released weights of {config.backbone} ({_first_line(error)}); "
+                          "without network "
                           "access, model.weights=FILE loads a local file") from None
     if config.weights:
         load_weights(model, config.weights)
@@ -108,50 +108,48 @@ def _on_meta_device(config: ModelConfig, img_size: int) -> nn.Module:
                                  **backbone_kwargs(config, img_size, 0.0)).eval()
 
 
-def check_crop_sizes(config: ModelConfig, global_size: int, local_size: int | None) -> None:
-    """DINO gives the backbone every crop size. ViTs (built for any size) and CNNs take them;
-    Swin, MaxViT, CoaT, PiT, LeViT or Hiera are built for one size and fail on the other,
-    at the first step, with a shape error. Traced on the meta device (in well under a second):
-    a model the trace cannot run even at its own size is left to the real run."""
-    try:
-        model = _on_meta_device(config, global_size)
-        model(torch.empty(2, 3, global_size, global_size, device="meta"))
-    except Exception:
-        return
-    if local_size is None:
-        return
-    try:
-        model(torch.empty(2, 3, local_size, local_size, device="meta"))
-    except Exception as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ConfigError(f"invalid value for data.local_crop_size: timm's {config.backbone} "
-                          f"does not take {local_size} px crops after {global_size} px ones "
-                          f"({reason}); a ViT or a CNN takes every size") from None
+def trace_crop_sizes(config: ModelConfig, global_size: int, local_size: int | None) -> list[str]:
+    """Run the backbone at each crop size on the meta device (no memory, no compute, well under
+    a second) -> its dense strided convolutions (kernel > 1) that get a 1x1 map, as
+    "layer4.0.conv1 at 14 px": what a CNN reducing 32x does on small crops, and what CPU bf16
+    gets wrong (``training_precision``).
 
-
-def strided_convolutions_of_one_pixel(config: ModelConfig, crop_sizes: list[int]) -> list[str]:
-    """The backbone's dense strided convolutions (kernel > 1) that get a 1x1 map at one of the
-    crop sizes: "layer4.0.conv1 at 14 px". A CNN reducing 32x leaves its last stages such maps
-    on small crops. Traced on the meta device (no memory, no compute); [] for ViTs, or where
-    the trace fails."""
-    if _is_vision_transformer(config.backbone):
-        return []
+    DINO gives the backbone every crop size. ViTs (built for any size) and CNNs take them;
+    Swin, MaxViT, CoaT, PiT, LeViT or Hiera are built for one size and would fail on the other
+    at the first step, with a shape error: a ConfigError here. A model the trace cannot run even
+    at its own size is left to the real run (-> [])."""
     found: list[str] = []
     try:
-        model = _on_meta_device(config, max(crop_sizes))
+        model = _on_meta_device(config, global_size)
         for name, module in model.named_modules():
             if isinstance(module, nn.Conv2d) and module.groups == 1 and \
                     max(module.stride) > 1 and max(module.kernel_size) > 1:
                 module.register_forward_pre_hook(
                     lambda module, inputs, name=name: found.append(name)
                     if inputs[0].shape[-2:] == (1, 1) else None)
-        for size in crop_sizes:
-            before = len(found)
-            model(torch.empty(1, 3, size, size, device="meta"))
-            found[before:] = [f"{name} at {size} px" for name in found[before:]]
-    except Exception:  # an exotic model the meta trace cannot run: nothing to report
+        _run_at(model, global_size, found)
+    except Exception:
         return []
+    if local_size is not None:
+        try:
+            _run_at(model, local_size, found)
+        except Exception as error:
+            raise ConfigError(f"invalid value for data.local_crop_size: timm's {config.backbone} "
+                              f"does not take {local_size} px crops after {global_size} px "
+                              f"ones ({_first_line(error)}); a ViT or a CNN takes every "
+                              "size") from None
     return found
+
+
+def _run_at(model: nn.Module, size: int, found: list[str]) -> None:
+    """One meta forward at ``size``; the names its hooks add to ``found`` get the size."""
+    before = len(found)
+    model(torch.empty(2, 3, size, size, device="meta"))
+    found[before:] = [f"{name} at {size} px" for name in found[before:]]
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def enable_grad_checkpointing(backbone: nn.Module, name: str) -> None:

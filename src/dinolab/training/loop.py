@@ -282,13 +282,13 @@ def _training_sources(config: Config, dataset: Dataset | None,
     if dataset is None:
         return build_sources(config.data)
     pairs = _AsPairs(dataset)
-    first = pairs[0][0] if len(pairs) else None
+    first, first_label = pairs[0] if len(pairs) else (None, UNLABELLED)  # read once
     if not isinstance(first, Image.Image):  # a tensor after ToTensor, a path, an array
         kind = f"{type(first).__module__}.{type(first).__qualname__}".removeprefix("builtins.")
         raise ConfigError(f"the Dataset's item 0 holds a {kind}, not a PIL image: dinolab makes "
                           "its views from PIL images, so return the image before any ToTensor "
                           "(torchvision.transforms.functional.to_pil_image converts a tensor)")
-    if len(pairs) < 2 or pairs[0][1] == UNLABELLED:
+    if len(pairs) < 2 or first_label == UNLABELLED:
         return Sources(train=pairs)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0)).tolist()
     num_test = max(1, int(len(pairs) * holdout_fraction))

@@ -20,11 +20,10 @@ from dinolab.config import Config, ConfigError
 from dinolab.distributed import fsdp, is_main_process, world_size
 from dinolab.losses import DINOLoss
 from dinolab.models.backbone import (
-    check_crop_sizes,
     create_backbone,
     enable_grad_checkpointing,
     feature_dim,
-    strided_convolutions_of_one_pixel,
+    trace_crop_sizes,
 )
 from dinolab.models.head import DINOHead
 from dinolab.models.multicrop import MultiCropNetwork
@@ -59,18 +58,16 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def training_precision(config: Config, device: torch.device) -> torch.dtype | None:
+def training_precision(config: Config, device: torch.device,
+                       one_pixel_convolutions: list[str]) -> torch.dtype | None:
     """``resolve_precision`` for training, less a PyTorch bug. On the CPU (oneDNN), bf16 gives
     a strided convolution of a 1x1 map wrong weight gradients (garbage in the kernel taps that
-    see only padding; sometimes inf), which small crops cause in a CNN (docs/LOG.md). ``auto``
-    then trains in fp32 and says why; an explicit ``bf16`` stops with one line."""
+    see only padding; sometimes inf), which small crops cause in a CNN (docs/LOG.md).
+    ``one_pixel_convolutions``: those of the backbone (``trace_crop_sizes``). ``auto`` then
+    trains in fp32 and says why; an explicit ``bf16`` stops with one line."""
     dtype = resolve_precision(config.train.precision, device)
-    if dtype != torch.bfloat16 or device.type != "cpu":
-        return dtype
-    data = config.data
-    sizes = [data.global_crop_size] + ([data.local_crop_size] if data.num_local_crops else [])
-    hit = strided_convolutions_of_one_pixel(config.model, sizes)
-    if not hit:
+    hit = one_pixel_convolutions
+    if dtype != torch.bfloat16 or device.type != "cpu" or not hit:
         return dtype
     problem = (f"bf16 on the CPU computes wrong gradients for {config.model.backbone}'s "
                f"{hit[0]} (a strided convolution of a 1x1 map: a PyTorch oneDNN bug)")
@@ -209,9 +206,9 @@ class TrainingState:
 def build_state(config: Config) -> TrainingState:
     device = resolve_device(config.train.device)
     data = config.data
-    check_crop_sizes(config.model, data.global_crop_size,
-                     data.local_crop_size if data.num_local_crops else None)
-    autocast_dtype = training_precision(config, device)
+    one_pixel = trace_crop_sizes(config.model, data.global_crop_size,
+                                 data.local_crop_size if data.num_local_crops else None)
+    autocast_dtype = training_precision(config, device, one_pixel)
     student = build_network(config, config.model.drop_path_rate).to(device)
     teacher = build_network(config, 0.0).to(device)
     fused = use_fused_attention(config.model.attention, device)
