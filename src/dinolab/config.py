@@ -68,6 +68,10 @@ class DataConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     eval_resize_ratio: float = 256 / 224  # evaluation: resize to size * ratio, center crop size
+    # method=dinov2's iBOT: the fraction of the student's global views that get a block mask,
+    # and the range their masked fractions are spread evenly over (DINOv2's collate)
+    mask_probability: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
 
 
 @dataclass
@@ -78,6 +82,12 @@ class HeadConfig:
     num_layers: int = 3
     norm: str = "none"  # none | batch | layer
     norm_last_layer: bool = True
+
+
+@dataclass
+class ByolHeadConfig:
+    hidden_dim: int = 4096
+    out_dim: int = 256
 
 
 @dataclass
@@ -93,8 +103,14 @@ class ModelConfig:
     # Student only: recompute each block's activations in the backward instead of keeping them
     # (timm's set_grad_checkpointing). Much less memory for a longer step; same numbers.
     grad_checkpointing: bool = False
+    # ViTs: register tokens (timm's reg_tokens, Darcet et al. 2024), kept out of every loss
+    num_registers: int = 0
+    # method=dinov2: a second head of the same shape for the iBOT patch loss (shared: false)
+    ibot_separate_head: bool = False
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model
     head: HeadConfig = field(default_factory=HeadConfig)
+    # method=byol: the projector (and the online network's predictor) MLP widths
+    byol: ByolHeadConfig = field(default_factory=ByolHeadConfig)
 
 
 @dataclass
@@ -104,6 +120,12 @@ class LossConfig:
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 0
     center_momentum: float = 0.9
+    # DINOv2's terms (method=dinov2; blank: the method's default, 0.1 and 1.0; dino has none)
+    koleo_weight: float | None = None
+    ibot_weight: float | None = None
+    # The teacher's [CLS] and patch targets: mean (DINO's EMA centre, then a softmax) or
+    # sinkhorn (Sinkhorn-Knopp over the global batch, 3 iterations; DINOv2 Sec. 4)
+    centering: str = "mean"
 
 
 @dataclass
@@ -118,6 +140,9 @@ class OptimConfig:
     freeze_last_layer_epochs: float = 1.0
     teacher_momentum: float = 0.996
     teacher_momentum_end: float = 1.0
+    # How the prototype layer is frozen: gradients (DINO: dropped, AdamW's moments untouched)
+    # or lr (DINOv2: a learning rate of 0, the moments keep accumulating)
+    freeze_last_layer_by: str = "gradients"
 
 
 @dataclass
@@ -163,6 +188,7 @@ class RunConfig:
 
 @dataclass
 class Config:
+    method: str = "dino"  # dino | dinov2 | byol: the objective (dinolab/methods)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -185,6 +211,8 @@ DATA_SPLITS = {
 AUGMENTATIONS = ("auto", "pil", "batched")
 DECODES = ("workers", "device")
 ATTENTIONS = ("auto", "fused", "eager")
+METHODS = ("dino", "dinov2", "byol")
+CENTERINGS = ("mean", "sinkhorn")
 
 
 def preset_names() -> list[str]:
@@ -319,7 +347,7 @@ def validate(config: Config) -> None:
         f"{data.local_crop_size} is larger than the global crop ({data.global_crop_size})",
     )
     _require(data.num_local_crops >= 0, "data.num_local_crops", "must be >= 0")
-    for key in ("global_crop_scale", "local_crop_scale", "blur_sigma"):
+    for key in ("global_crop_scale", "local_crop_scale", "blur_sigma", "mask_ratio"):
         low, high = getattr(data, key)
         _require(0 < low <= high, f"data.{key}", f"needs 0 < low <= high, got ({low}, {high})")
     for key in ("global_crop_scale", "local_crop_scale"):
@@ -330,12 +358,17 @@ def validate(config: Config) -> None:
     _require(all(0 <= p <= 1 for p in data.blur_probs), "data.blur_probs", "must be in [0, 1]")
     _require(all(s > 0 for s in data.std), "data.std", "must be > 0")
     _require(data.eval_resize_ratio >= 1, "data.eval_resize_ratio", "must be >= 1")
+    _require(0 <= data.mask_probability <= 1, "data.mask_probability", "must be in [0, 1]")
+    _require(data.mask_ratio[1] < 1, "data.mask_ratio", "the upper bound must be < 1")
 
     _require(head.out_dim > 0, "model.head.out_dim", "must be > 0")
     _require(head.hidden_dim > 0, "model.head.hidden_dim", "must be > 0")
     _require(head.bottleneck_dim > 0, "model.head.bottleneck_dim", "must be > 0")
     _require(head.num_layers >= 1, "model.head.num_layers", "must be >= 1")
     _require(head.norm in ("none", "batch", "layer"), "model.head.norm", "none, batch or layer")
+    _require(config.model.num_registers >= 0, "model.num_registers", "must be >= 0")
+    for key in ("hidden_dim", "out_dim"):
+        _require(getattr(config.model.byol, key) > 0, f"model.byol.{key}", "must be > 0")
     _require(0 <= config.model.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
     _require(
         config.model.patch_size is None or config.model.patch_size > 0,
@@ -347,6 +380,15 @@ def validate(config: Config) -> None:
         _require(getattr(loss, key) > 0, f"loss.{key}", "a temperature must be > 0")
     _require(loss.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs", ">= 0")
     _require(0 <= loss.center_momentum < 1, "loss.center_momentum", "must be in [0, 1)")
+    _require(config.method in METHODS, "method", f"must be one of {METHODS}")
+    _require(loss.centering in CENTERINGS, "loss.centering", f"must be one of {CENTERINGS}")
+    for key in ("koleo_weight", "ibot_weight"):
+        weight = getattr(loss, key)
+        _require(weight is None or weight >= 0, f"loss.{key}", "must be >= 0")
+        _require(not weight or config.method == "dinov2", f"loss.{key}",
+                 f"DINOv2's term needs method=dinov2 (method={config.method})")
+    _require(loss.centering == "mean" or config.method != "byol", "loss.centering",
+             "BYOL has no teacher distribution to centre")
 
     _require(0 < optim.lr < math.inf, "optim.lr", "must be > 0 and finite")
     _require(0 <= optim.min_lr <= optim.lr, "optim.min_lr", "must be in [0, optim.lr]")
@@ -356,6 +398,8 @@ def validate(config: Config) -> None:
     _require(all(0 <= b < 1 for b in optim.betas), "optim.betas", "must be in [0, 1)")
     _require(optim.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables)")
     _require(optim.freeze_last_layer_epochs >= 0, "optim.freeze_last_layer_epochs", ">= 0")
+    _require(optim.freeze_last_layer_by in ("gradients", "lr"), "optim.freeze_last_layer_by",
+             "gradients or lr")
     for key in ("teacher_momentum", "teacher_momentum_end"):
         _require(0 <= getattr(optim, key) <= 1, f"optim.{key}", "must be in [0, 1]")
 

@@ -28,8 +28,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 def shard_units(network: nn.Module) -> list[nn.Module]:
     """The modules sharded on their own, inner first: each block of a ViT (timm's ``blocks``)
-    or each stage of a CNN (``stages``, or ResNet's ``layer1``-``layer4``), then the head.
-    The network itself, sharded last, holds what is left (embeddings, final norm, stem)."""
+    or each stage of a CNN (``stages``, or ResNet's ``layer1``-``layer4``), then each of the
+    network's other parts (DINO's head; BYOL's projector and predictor). The network itself,
+    sharded last, holds what is left (embeddings, final norm, stem, a mask token)."""
     backbone, units = network.backbone, []
     for name in ("blocks", "stages", "layers"):
         if isinstance(getattr(backbone, name, None), nn.Sequential | nn.ModuleList):
@@ -38,12 +39,13 @@ def shard_units(network: nn.Module) -> list[nn.Module]:
     else:
         units += [getattr(backbone, f"layer{index}") for index in range(1, 5)
                   if hasattr(backbone, f"layer{index}")]
-    return [unit for unit in units if any(True for _ in unit.parameters())] + [network.head]
+    units += [part for name, part in network.named_children() if name != "backbone"]
+    return [unit for unit in units if any(True for _ in unit.parameters())]
 
 
 def shard(network: nn.Module, trains: bool) -> None:
-    """Shard ``network`` (a MultiCropNetwork) in place over all processes. Call it on the student
-    and on the teacher alike, so that their shards line up tensor for tensor.
+    """Shard ``network`` (an objective's student or teacher) in place over all processes. Call
+    it on the student and on the teacher alike, so that their shards line up tensor for tensor.
 
     ``trains``: the student, whose root unit may keep its parameters gathered from its forward
     to its backward (one all-gather fewer per step). The teacher has no backward to reshard it,

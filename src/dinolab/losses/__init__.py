@@ -1,5 +1,8 @@
-"""The DINO loss and its centering."""
-
 from dinolab.losses.dino import DINOLoss, batch_center
+from dinolab.losses.ibot import ibot_patch_loss, masked_weights
+from dinolab.losses.koleo import koleo_loss
+from dinolab.losses.masking import block_masks
+from dinolab.losses.sinkhorn import sinkhorn_knopp
 
-__all__ = ["DINOLoss", "batch_center"]
+__all__ = ["DINOLoss", "batch_center", "block_masks", "ibot_patch_loss", "koleo_loss",
+           "masked_weights", "sinkhorn_knopp"]

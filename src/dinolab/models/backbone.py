@@ -62,6 +62,11 @@ def backbone_kwargs(config: ModelConfig, img_size: int, drop_path_rate: float) -
         kwargs.update(img_size=img_size, dynamic_img_size=True)
         if config.patch_size is not None:
             kwargs["patch_size"] = config.patch_size
+        if config.num_registers:
+            kwargs["reg_tokens"] = config.num_registers
+    elif config.num_registers:
+        raise ConfigError(f"invalid value for model.num_registers: register tokens need a "
+                          f"vision transformer, and timm's {config.backbone} is not one")
     kwargs.update(config.backbone_kwargs)
     return kwargs
 

@@ -12,7 +12,10 @@ from torch import nn
 
 
 def copy_student_into_teacher(student: nn.Module, teacher: nn.Module) -> None:
-    teacher.load_state_dict(student.state_dict())
+    """The teacher's parameters and buffers from the student's of the same names (a student may
+    have parts the teacher lacks: BYOL's predictor, DINOv2's mask token)."""
+    weights = student.state_dict()
+    teacher.load_state_dict({name: weights[name] for name in teacher.state_dict()})
     for parameter in teacher.parameters():
         parameter.requires_grad = False
 

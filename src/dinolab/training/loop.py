@@ -148,7 +148,7 @@ class RunContext:
     metrics: Metrics
     watch: FiniteWatch  # NaN/inf of any step, read at log steps and before saves
     control: StopControl  # stop signals and the wall-clock checkpoint timer
-    collapse: CollapseDetector
+    collapse: CollapseDetector | None  # None: the objective has no teacher distribution
     skips: SkipLog  # the data's skipped samples, whose totals a checkpoint keeps
 
     def last_good(self) -> Path | None:
@@ -162,7 +162,7 @@ def save(state: TrainingState, run: RunContext, keep_epoch_copy: bool) -> Path:
     first. A failed write on the main process stops every process with CheckpointWriteError.
     """
     run.watch.check(run.last_good())
-    tensors = state.student_shards + state.teacher_shards + [state.loss.center]
+    tensors = state.student_shards + state.teacher_shards + list(state.loss.buffers())
     (not_finite,) = any_process([not state_is_finite(tensors)], state.device)  # shards differ
     if not_finite:
         raise NonFiniteLoss(f"the parameters are not finite after step {state.step}; last good "
@@ -191,19 +191,22 @@ def save(state: TrainingState, run: RunContext, keep_epoch_copy: bool) -> Path:
 
 def _log_step(state: TrainingState, run: RunContext, loss: torch.Tensor, values: StepValues,
               images_per_second: float, skipped: int) -> float:
-    """Metrics of a log step (host syncs: the finite check, the loss, the entropy).
+    """Metrics of a log step (host syncs: the finite check, the loss, its terms, the objective's
+    monitored values such as DINO's teacher entropy).
 
     ``skipped``: the samples skipped so far, recorded once there are any."""
     run.watch.check(run.last_good())
-    loss_value, entropy = loss.item(), state.loss.teacher_entropy.item()
+    loss_value = loss.item()
+    terms = {name: value.item() for name, value in state.terms.items()}
+    monitored = state.objective.monitor(loss_value, terms)
     run.metrics.log("train", state.step, {
-        "epoch": state.epoch, "loss": loss_value, "lr": values.lr,
+        "epoch": state.epoch, "loss": loss_value, **terms, "lr": values.lr,
         "weight_decay": values.weight_decay, "teacher_momentum": values.teacher_momentum,
         "teacher_temp": values.teacher_temp, "images_per_second": images_per_second,
-        "teacher_entropy": entropy, "kl_teacher_student": loss_value - entropy,
-        **({"skipped": skipped} if skipped else {}),
+        **monitored, **({"skipped": skipped} if skipped else {}),
     })
-    warning = run.collapse.observe(state.step, loss_value, entropy)
+    signal = state.objective.collapse_signal(loss_value, terms, monitored)
+    warning = run.collapse.observe(state.step, *signal) if signal and run.collapse else None
     if warning:
         say(warning)
     return loss_value
@@ -364,7 +367,7 @@ def _train(config: Config, dataset: Dataset | None, started: float) -> TrainResu
     metrics = Metrics(run_dir, config.run.tensorboard)
     run = RunContext(run_dir, metrics, FiniteWatch(state.device),
                      StopControl(config.run.checkpoint_every_minutes, state.device),
-                     CollapseDetector(config.model.head.out_dim), data.skips)
+                     _collapse_detector(state), data.skips)
     eval_transform = EvalTransform(config.data)
     knn_label = f"k-NN top-1 (k={config.eval.knn_k})"
 
@@ -419,6 +422,15 @@ def _train_epochs(state: TrainingState, data: TrainingData, run: RunContext, sou
         say(f"epoch {epoch + 1}/{config.train.epochs}: loss {result.mean_loss:.4f}{knn_text}")
         save(state, run, keep)
     return knn_end
+
+
+def _collapse_detector(state: TrainingState) -> CollapseDetector | None:
+    prototypes = state.objective.num_prototypes
+    if prototypes is None:
+        say(f"collapse monitor: not for method={state.config.method} (no teacher distribution "
+            "over prototypes); watch the logged output_std, which falls to 0 in a collapse")
+        return None
+    return CollapseDetector(prototypes)
 
 
 def _due(epoch: int, every: int, last: int | None) -> bool:

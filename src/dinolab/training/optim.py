@@ -13,36 +13,40 @@ from torch import nn
 from dinolab.distributed.fsdp import combine_shard_norms, local_tensor
 
 
-def parameter_groups(model: nn.Module) -> list[dict]:
+def parameter_groups(model: nn.Module, last_layer_apart: bool = False) -> list[dict]:
+    """[decay, no decay]; ``last_layer_apart`` (optim.freeze_last_layer_by=lr) adds the
+    prototype layers' parameters as groups of their own, whose learning rate the freeze sets
+    to 0 (DINOv2's way; DINO drops their gradients instead)."""
     skip: set[str] = set()
     backbone = getattr(model, "backbone", None)
     if backbone is not None and hasattr(backbone, "no_weight_decay"):
         skip = {f"backbone.{name}" for name in backbone.no_weight_decay()}
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if parameter.ndim <= 1 or name.endswith(".bias") or name in skip:
-            no_decay.append(parameter)
-        else:
-            decay.append(parameter)
-    return [
-        {"params": decay, "apply_weight_decay": True},
-        {"params": no_decay, "apply_weight_decay": False, "weight_decay": 0.0},
-    ]
+        decays = not (parameter.ndim <= 1 or name.endswith(".bias") or name in skip)
+        last_layer = last_layer_apart and "last_layer" in name
+        groups.setdefault((decays, last_layer), []).append(parameter)
+    return [{"params": groups.get((decays, last_layer), []), "apply_weight_decay": decays,
+             "last_layer": last_layer, **({} if decays else {"weight_decay": 0.0})}
+            for last_layer in (False, True) for decays in (True, False)
+            if not last_layer or (decays, last_layer) in groups]
 
 
-def build_optimizer(model: nn.Module, betas: tuple[float, float],
-                    device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, betas: tuple[float, float], device: torch.device,
+                    last_layer_apart: bool = False) -> torch.optim.AdamW:
     """Fused AdamW on CUDA, the foreach implementation elsewhere (both avoid a per-tensor loop)."""
     fused = device.type == "cuda"
-    return torch.optim.AdamW(parameter_groups(model), lr=0.0, betas=betas, fused=fused,
-                             foreach=None if fused else True)
+    return torch.optim.AdamW(parameter_groups(model, last_layer_apart), lr=0.0, betas=betas,
+                             fused=fused, foreach=None if fused else True)
 
 
-def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float,
+                        freeze_last_layer: bool = False) -> None:
+    """``freeze_last_layer`` sets the prototype layers' groups (if apart) to a learning rate 0."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = 0.0 if freeze_last_layer and group.get("last_layer") else lr
         if group["apply_weight_decay"]:
             group["weight_decay"] = weight_decay
 

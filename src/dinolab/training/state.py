@@ -1,9 +1,10 @@
-"""Everything a DINO run updates, built from the config, and its (de)serialisation.
+"""Everything a run updates, built from the config, and its (de)serialisation.
 
 The state is explicit so that a checkpoint holds all of it and a resumed run continues exactly:
-student, teacher, the loss center, optimizer, grad scaler, position (epoch, step), RNG, and the
-running loss of the epoch in progress (so that an epoch resumed mid-way reports the mean of all
-of its steps).
+student, teacher, the objective's loss state (centres), optimizer, grad scaler, position
+(epoch, step), RNG, and the running loss of the epoch in progress (so that an epoch resumed
+mid-way reports the mean of all of its steps). The objective (dinolab/methods) builds the
+networks; everything else here is the same for every objective.
 """
 
 from __future__ import annotations
@@ -18,15 +19,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dinolab.config import Config, ConfigError
 from dinolab.distributed import fsdp, is_main_process, world_size
-from dinolab.losses import DINOLoss
+from dinolab.methods import Objective, backbone_of, build_objective
 from dinolab.models.backbone import (
     create_backbone,
     enable_grad_checkpointing,
-    feature_dim,
     trace_crop_sizes,
 )
-from dinolab.models.head import DINOHead
-from dinolab.models.multicrop import MultiCropNetwork
 from dinolab.models.teacher import copy_student_into_teacher
 from dinolab.training.monitor import say
 from dinolab.training.optim import build_optimizer
@@ -91,17 +89,9 @@ def set_fused_attention(network: nn.Module, fused: bool) -> None:
             setattr(module, "fused_attn", fused)  # noqa: B010 (an nn.Module attribute)
 
 
-def build_network(config: Config, drop_path_rate: float) -> MultiCropNetwork:
-    backbone = create_backbone(config.model, config.data.global_crop_size, drop_path_rate)
-    patch_embed = getattr(backbone, "patch_embed", None)
-    if patch_embed is not None and not getattr(patch_embed, "dynamic_img_pad", True):
-        patch = patch_embed.patch_size[0]
-        for key in ("global_crop_size", "local_crop_size"):
-            size = getattr(config.data, key)
-            if size % patch:
-                raise ConfigError(f"invalid value for data.{key}: {size} is not a multiple of "
-                                  f"the backbone's patch size {patch}")
-    return MultiCropNetwork(backbone, DINOHead(feature_dim(backbone), config.model.head))
+def build_network(config: Config, drop_path_rate: float, student: bool = True) -> nn.Module:
+    """The configured objective's student (or teacher) network; it has ``.backbone``."""
+    return build_objective(config).build_network(drop_path_rate, student)
 
 
 @dataclass
@@ -109,10 +99,11 @@ class TrainingState:
     config: Config
     device: torch.device
     autocast_dtype: torch.dtype | None
-    # MultiCropNetwork; with several processes wrapped in DDP, or sharded in place (FSDP)
+    # The objective's student network; with several processes wrapped in DDP, or sharded in
+    # place (FSDP)
     student: nn.Module
-    teacher: MultiCropNetwork
-    loss: DINOLoss
+    teacher: nn.Module
+    objective: Objective
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     epoch: int = 0  # the epoch in progress (or the next one to run)
@@ -134,6 +125,14 @@ class TrainingState:
         # finite checks work on these. Views, so an update reaches the parameter.
         self.student_shards = [fsdp.local_tensor(p) for p in self.student_parameters]
         self.teacher_shards = [fsdp.local_tensor(p) for p in self.teacher_parameters]
+        # The EMA's pairs: each teacher parameter with the student's of the same name (the
+        # student may have more: a predictor, a mask token)
+        student_by_name = dict(self.student_module.named_parameters())
+        self.ema_student_shards = [fsdp.local_tensor(student_by_name[name])
+                                   for name, _ in self.teacher.named_parameters()]
+        # The step's loss terms (device scalars, averaged over its micro-batches), read at log
+        # steps
+        self.terms: dict[str, torch.Tensor] = {}
         self.epoch_loss_sum = torch.zeros((), device=self.device)
 
     def begin_next_epoch(self) -> None:
@@ -144,9 +143,14 @@ class TrainingState:
         self.epoch_steps = 0
 
     @property
-    def student_module(self) -> MultiCropNetwork:
+    def student_module(self) -> nn.Module:
         module = self.student
-        return module.module if isinstance(module, DistributedDataParallel) else module  # type: ignore[return-value]
+        return module.module if isinstance(module, DistributedDataParallel) else module
+
+    @property
+    def loss(self) -> nn.Module:
+        """The objective's loss state (centres), which a checkpoint keeps under "loss"."""
+        return self.objective.loss
 
     @property
     def sharded(self) -> bool:
@@ -167,6 +171,7 @@ class TrainingState:
             networks = fsdp.gather(networks, keep=is_main_process())
         return {
             **networks,
+            "method": self.config.method,
             "loss": self.loss.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": self.epoch,
@@ -180,7 +185,12 @@ class TrainingState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a checkpoint of any run (one process, DDP or FSDP: they share a layout)."""
+        """Load a checkpoint of any run (one process, DDP or FSDP: they share a layout) of the
+        same objective."""
+        method = state.get("method", "dino")  # older checkpoints: DINO's
+        if method != self.config.method:
+            raise ConfigError(f"invalid value for method: the checkpoint was written by "
+                              f"method={method}, not {self.config.method}; use a new run.dir")
         if self.sharded:  # each process keeps its slice of the full tensors (collectives)
             fsdp.load_full_state(self.student_module, state["student"])
             fsdp.load_full_state(self.teacher, state["teacher"])
@@ -209,17 +219,20 @@ def build_state(config: Config) -> TrainingState:
     one_pixel = trace_crop_sizes(config.model, data.global_crop_size,
                                  data.local_crop_size if data.num_local_crops else None)
     autocast_dtype = training_precision(config, device, one_pixel)
-    student = build_network(config, config.model.drop_path_rate).to(device)
-    teacher = build_network(config, 0.0).to(device)
+    objective = build_objective(config)
+    student = objective.build_network(config.model.drop_path_rate, student=True).to(device)
+    teacher = objective.build_network(0.0, student=False).to(device)
+    objective.check(student, config.train.batch_size // world_size()
+                    // config.train.accumulation_steps)
     fused = use_fused_attention(config.model.attention, device)
     for network in (student, teacher):
         set_fused_attention(network, fused)
     if config.model.grad_checkpointing:  # the teacher has no backward to save memory for
-        enable_grad_checkpointing(student.backbone, config.model.backbone)
+        enable_grad_checkpointing(backbone_of(student), config.model.backbone)
     if config.train.compile:  # in place: parameter names and checkpoints stay the same
         for network in (student, teacher):  # static shapes: one graph per crop size
-            network.backbone.compile(dynamic=False)
-            network.head.compile(dynamic=False)
+            for part in network.children():  # the backbone, the heads
+                part.compile(dynamic=False)
     wrapped: nn.Module = student
     sharded = world_size() > 1 and config.train.parallel == "fsdp"
     if world_size() > 1:
@@ -236,11 +249,12 @@ def build_state(config: Config) -> TrainingState:
     if sharded:  # alike, so that the EMA pairs each teacher shard with its student shard
         fsdp.shard(student, trains=True)
         fsdp.shard(teacher, trains=False)
-    optimizer = build_optimizer(student, tuple(config.optim.betas), device)  # type: ignore[arg-type]
-    loss = DINOLoss(config.model.head.out_dim, config.loss.student_temp,
-                    config.loss.center_momentum).to(device)
+    optimizer = build_optimizer(student, tuple(config.optim.betas), device,  # type: ignore[arg-type]
+                                config.optim.freeze_last_layer_by == "lr")
+    objective.loss.to(device)
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
-    return TrainingState(config, device, autocast_dtype, wrapped, teacher, loss, optimizer, scaler)
+    return TrainingState(config, device, autocast_dtype, wrapped, teacher, objective, optimizer,
+                         scaler)
 
 
 def evaluation_backbone(state: TrainingState) -> nn.Module | None:
@@ -248,8 +262,8 @@ def evaluation_backbone(state: TrainingState) -> nn.Module | None:
     the main process alone. Sharded (FSDP), a collective: every process calls it, and the main
     process gets an unsharded copy (the others get None)."""
     if not state.sharded:
-        return state.teacher.backbone
-    weights = fsdp.gather(state.teacher.backbone.state_dict(), keep=is_main_process())
+        return backbone_of(state.teacher)
+    weights = fsdp.gather(backbone_of(state.teacher).state_dict(), keep=is_main_process())
     if not is_main_process():
         return None
     config = state.config

@@ -1,21 +1,21 @@
-"""One DINO optimisation step over an accumulated batch.
+"""One optimisation step over an accumulated batch, for any objective (dinolab/methods).
 
-teacher forward (no grad) -> student forward -> loss -> backward, for each micro-batch; then
-clip -> optimizer step -> EMA -> center update, once. Mixed precision and the gradient sync of
-DDP or FSDP are the only extras. The returned loss stays on the device: reading it is a host
-sync, which the loop does only at log steps.
+For each micro-batch: the objective's forward (teacher without grad, student, loss) -> backward;
+then clip -> optimizer step -> EMA -> the objective's update (DINO's center), once. Mixed
+precision and the gradient sync of DDP or FSDP are the only extras. The returned loss stays on
+the device: reading it is a host sync, which the loop does only at log steps.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from dinolab.distributed import rank, world_size
 from dinolab.distributed.fsdp import set_gradient_sync
-from dinolab.losses import batch_center
+from dinolab.methods import StepValues, batch_position
 from dinolab.models.teacher import ema_update
 from dinolab.training.optim import (
     all_finite,
@@ -26,16 +26,7 @@ from dinolab.training.optim import (
 )
 from dinolab.training.state import TrainingState
 
-
-@dataclass(frozen=True)
-class StepValues:
-    """The scheduled values for one step (pure functions of the step; see schedules.py)."""
-
-    lr: float
-    weight_decay: float
-    teacher_momentum: float
-    teacher_temp: float
-    freeze_last_layer: bool
+__all__ = ["StepValues", "train_step"]
 
 
 def _grad_sync(state: TrainingState, enabled: bool) -> contextlib.AbstractContextManager:
@@ -48,26 +39,30 @@ def _grad_sync(state: TrainingState, enabled: bool) -> contextlib.AbstractContex
 
 def train_step(state: TrainingState, micro_batches: list[list[torch.Tensor]],
                values: StepValues) -> torch.Tensor:
-    """micro_batches: A lists of V views [b, C, H, W] (2 global first) -> mean loss (device)."""
-    student, teacher = state.student, state.teacher
+    """micro_batches: A lists of V views [b, C, H, W] (2 global first) -> mean loss (device).
+
+    The mean of each loss term is left in ``state.terms``."""
+    student, teacher, objective = state.student, state.teacher, state.objective
     optimizer, scaler = state.optimizer, state.scaler
-    set_hyperparameters(optimizer, values.lr, values.weight_decay)
+    freeze_by_lr = state.config.optim.freeze_last_layer_by == "lr"
+    set_hyperparameters(optimizer, values.lr, values.weight_decay,
+                        values.freeze_last_layer and freeze_by_lr)
     num_micro = len(micro_batches)
     autocast = torch.autocast(state.device.type, dtype=state.autocast_dtype or torch.float32,
                               enabled=state.autocast_dtype is not None)
     total_loss = torch.zeros((), device=state.device)
-    center_sum = torch.zeros((), device=state.device)
+    sums: dict[str, torch.Tensor] = {}  # the terms' and the statistics' sums over micro-batches
     for index, views in enumerate(micro_batches):
         views = [view.to(state.device, non_blocking=True) for view in views]
+        position = batch_position(state.step, state.config.train.batch_size, len(views[0]),
+                                  index, rank(), world_size())
         with _grad_sync(state, index == num_micro - 1), autocast:
-            with torch.no_grad():
-                teacher_logits = teacher(views[:2])
-            student_logits = student(views)
-            loss = state.loss(student_logits, teacher_logits, values.teacher_temp)
-            scaled = loss / num_micro
+            output = objective.forward(student, teacher, views, position, values)
+            scaled = output.loss / num_micro
             (scaler.scale(scaled) if scaler else scaled).backward()
-        center_sum = center_sum + batch_center(teacher_logits)
-        total_loss += loss.detach()
+        for name, value in (output.statistics | output.terms).items():
+            sums[name] = sums.get(name, torch.zeros((), device=state.device)) + value
+        total_loss += output.loss.detach()
 
     if scaler:
         scaler.unscale_(optimizer)
@@ -82,7 +77,7 @@ def train_step(state: TrainingState, micro_batches: list[list[torch.Tensor]],
             norms if norms is not None else gradient_norms(state.student_parameters,
                                                            state.sharded),
             state.device)
-    if values.freeze_last_layer:
+    if values.freeze_last_layer and not freeze_by_lr:
         drop_last_layer_gradients(state.student_module)
     if scaler:
         scaler.step(optimizer)
@@ -90,7 +85,9 @@ def train_step(state: TrainingState, micro_batches: list[list[torch.Tensor]],
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    ema_update(state.teacher_shards, state.student_shards, values.teacher_momentum)
-    state.loss.update_center(center_sum / num_micro)  # collective: all-reduce over processes
+    ema_update(state.teacher_shards, state.ema_student_shards, values.teacher_momentum)
+    means = {name: value / num_micro for name, value in sums.items()}
+    objective.update({name: means[name] for name in output.statistics})  # may be a collective
+    state.terms = {name: means[name] for name in output.terms}
     state.step += 1
     return total_loss / num_micro

@@ -1,0 +1,25 @@
+"""Objectives, one file each, chosen by the config's ``method`` (docs/methods.md)."""
+
+from __future__ import annotations
+
+from dinolab.config import Config
+from dinolab.methods.base import (
+    BatchPosition,
+    Objective,
+    StepOutput,
+    StepValues,
+    backbone_of,
+    batch_position,
+)
+from dinolab.methods.dino import DINO
+from dinolab.methods.dinov2 import DINOv2
+
+OBJECTIVES: dict[str, type[Objective]] = {"dino": DINO, "dinov2": DINOv2}
+
+
+def build_objective(config: Config) -> Objective:
+    return OBJECTIVES[config.method](config)
+
+
+__all__ = ["OBJECTIVES", "BatchPosition", "Objective", "StepOutput", "StepValues",
+           "backbone_of", "batch_position", "build_objective"]
