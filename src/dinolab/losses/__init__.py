@@ -1,3 +1,6 @@
+"""The loss terms of the objectives: DINO's, and DINOv2's KoLeo, iBOT patch loss, block masks and
+Sinkhorn-Knopp."""
+
 from dinolab.losses.dino import DINOLoss, batch_center
 from dinolab.losses.ibot import ibot_patch_loss, masked_weights
 from dinolab.losses.koleo import koleo_loss
