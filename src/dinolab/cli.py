@@ -107,7 +107,8 @@ def _add_evaluation_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_visualization_commands(commands: argparse._SubParsersAction) -> None:
-    """attention, features: a checkpoint and images; plot: a run folder's curves."""
+    """attention, features: a checkpoint and images; plot: a run folder's curves; compare:
+    several run folders side by side."""
     def looked_at(name: str, help_text: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("path", metavar="CHECKPOINT_OR_RUN",
@@ -134,6 +135,12 @@ def _add_visualization_commands(commands: argparse._SubParsersAction) -> None:
                                "from RUN_DIR/metrics.jsonl")
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder")
     plot.add_argument("--out", metavar="FILE.png", help="default: RUN_DIR/curves.png")
+    compare = commands.add_parser(
+        "compare", help="several runs side by side: the keys that differ, final metrics, curves",
+        description="a table (one row per run: the config keys that differ, last loss, k-NN, "
+        "epochs, steps) and the runs' curves overlaid in one PNG")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders")
+    compare.add_argument("--out", metavar="FILE.png", help="default: ./compare.png")
 
 
 def _split(arguments: list[str]) -> tuple[str | None, list[str]]:
@@ -225,9 +232,17 @@ def _plot(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(arguments: argparse.Namespace) -> int:
+    from dinolab.visualization.compare import run_compare
+
+    run_compare(arguments.run_dirs, arguments.out)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _train, "knn": _knn, "linear": _linear, "embed": _embed, "export": _export,
     "attention": _attention, "features": _features, "plot": _plot,
+    "compare": _compare,
 }
 
 
