@@ -35,7 +35,7 @@ def main(run_dir: Path) -> None:
     transform = EvalTransform(config.data)
     torch.manual_seed(config.train.seed)  # train() seeds, then builds the student first
     initial = build_network(config, config.model.drop_path_rate)
-    trained = build_network(config, 0.0)
+    trained = build_network(config, 0.0, student=False)
     trained.load_state_dict(checkpoint["teacher"])
     print(f"{run_dir}: {len(sources.knn_train)} train, {len(sources.knn_test)} test images, "  # type: ignore[arg-type]
           f"k={config.eval.knn_k}, T={config.eval.knn_temperature}")

@@ -64,7 +64,7 @@ class DINOv2Network(nn.Module):
         self.patch_head = patch_head
         self.mask_token = nn.Parameter(torch.zeros(feature_dim(backbone))) if mask_token else None
         self._input_masks: torch.Tensor | None = None
-        if mask_token:  # timm's ViT has no mask token: it joins after the patch embedding
+        if mask_token and hasattr(backbone, "patch_embed"):  # after timm's patch embedding
             patch_embed: Any = backbone.patch_embed
             patch_embed.register_forward_hook(self._mask_patches)
 
