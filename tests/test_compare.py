@@ -40,13 +40,27 @@ def test_table_names_the_keys_that_differ(runs: list[Path], tmp_path: Path,
     out = tmp_path / "figures" / "ablation.png"
     assert main(["compare", *map(str, runs), "--out", str(out)]) == 0
     header, first, second, written = _rows(capsys.readouterr().out)
-    assert header == ["run", "method", "optim.lr", "loss", "k-NN", "top-1", "epochs", "steps"]
+    assert header == ["run", "method", "optim.lr", "loss", "k-NN", "top-1", "epochs", "steps",
+                      "full", "k-NN", "linear"]
     # Both folders are called "run": the rows name them by their paths.
     assert first[:3] == [str(runs[0]), "dino", "0.001"] and first[5:] == ["2/2", "4"]
     assert second[:3] == [str(runs[1]), "dinov2", "0.002"] and second[5:] == ["2/2", "4"]
     assert all(float(row[3]) > 0 and 0 <= float(row[4]) <= 100 for row in (first, second))
     assert written[-1] == str(out)
     assert _size(out) == (1600, 480)
+
+
+def test_full_split_figures_of_dinolab_knn_are_shown(
+        runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``dinolab knn RUN`` keeps its figures in the run folder; compare shows k = 20's."""
+    run = tmp_path / "evaluated"
+    shutil.copytree(runs[0], run)
+    assert main(["knn", str(run), "--k", "20"]) == 0
+    knn_printed = capsys.readouterr().out.splitlines()[-1].split()  # "20  top-1%  top-5%"
+    assert main(["compare", str(run), "--out", str(tmp_path / "c.png")]) == 0
+    header, row, _ = _rows(capsys.readouterr().out)
+    assert header[-3:] == ["full", "k-NN", "linear"]
+    assert row[-1] == knn_printed[1].rstrip("%")  # the linear column is blank: not computed
 
 
 def test_one_run_default_output_and_a_half_written_line(
@@ -62,7 +76,8 @@ def test_one_run_default_output_and_a_half_written_line(
     monkeypatch.chdir(tmp_path)
     assert main(["compare", "live"]) == 0
     header, row, _ = _rows(capsys.readouterr().out)
-    assert header == ["run", "loss", "k-NN", "top-1", "epochs", "steps"]  # nothing differs
+    assert header == ["run", "loss", "k-NN", "top-1", "epochs", "steps", "full", "k-NN",
+                      "linear"]  # nothing differs
     assert row[0] == "live" and row[3:] == ["2/2", "4"]
     assert _size(tmp_path / "compare.png") == (1600, 480)
 

@@ -3,8 +3,10 @@ the cache), evaluate, print. The CLI only parses and calls these."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -30,6 +32,19 @@ from dinolab.evaluation.knn import knn_accuracies
 from dinolab.evaluation.linear import ProbeSettings, linear_probe
 
 OUTPUT = "output"  # the backbone's own output: final-normed [CLS] or pooled feature
+RESULTS = "evaluation.json"  # a run folder's full-split figures (dinolab compare shows them)
+
+
+def record_result(path: str, weights: str, data_path: str | None, overrides: Sequence[str],
+                  values: dict[str, Any]) -> None:
+    """Keep a run folder's own figures (its teacher on its own data) in ``evaluation.json``;
+    figures on other data, of the student, or of a file are only printed."""
+    folder = Path(path)
+    if not folder.is_dir() or weights != "teacher" or data_path or overrides:
+        return
+    file = folder / RESULTS
+    results = json.loads(file.read_text()) if file.is_file() else {}
+    file.write_text(json.dumps(results | values, indent=1) + "\n")
 
 
 def features_of(inputs: EvaluationInputs, split: str, images: Dataset, kind: str = OUTPUT,
@@ -74,6 +89,8 @@ def run_knn(path: str, weights: str = "teacher", data_path: str | None = None,
         every = f"  (k > {len(train_labels)}: every train image votes)" \
             if k > len(train_labels) else ""
         print(f"{k:>5} {accuracy['top1']:>6.1f}% {accuracy['top5']:>6.1f}%{every}")
+    record_result(path, weights, data_path, overrides,
+                  {f"knn_top1_k{k}": accuracy["top1"] for k, accuracy in results.items()})
     return results
 
 
@@ -82,6 +99,11 @@ def default_blocks(inputs: EvaluationInputs) -> int:
     backbone = inputs.backbone
     has_tokens = getattr(backbone, "num_prefix_tokens", 0) and hasattr(backbone, "blocks")
     return min(4, len(backbone.blocks)) if has_tokens else 1  # type: ignore[arg-type]
+
+
+def default_kind(inputs: EvaluationInputs) -> str:
+    blocks = default_blocks(inputs)
+    return OUTPUT if blocks == 1 else f"blocks{blocks}"
 
 
 def run_linear(path: str, weights: str = "teacher", data_path: str | None = None,
@@ -110,6 +132,8 @@ def run_linear(path: str, weights: str = "teacher", data_path: str | None = None
         print(f"{rate:>8g} {accuracy:>16.1f}%{marker}")
     print(f"test ({len(test_labels)} images): top-1 {result.test_top1:.1f}%, "
           f"top-5 {result.test_top5:.1f}% (lr {result.best_learning_rate:g})")
+    if kind == default_kind(inputs):
+        record_result(path, weights, data_path, overrides, {"linear_top1": result.test_top1})
     return result.test_top1
 
 

@@ -8,8 +8,8 @@ Left out are the keys that say where a run writes and reports or how fast it run
 what it learns alone (``IGNORED_SECTIONS``, ``IGNORED_KEYS``); ``data.root`` and the other
 ``eval.*`` keys stay, since they change the data or what the k-NN figure means.
 
-The full-split ``dinolab knn`` and ``dinolab linear`` figures are not in the table: those
-commands print their results and keep none in the run folder (only cached features).
+Then the full-split figures that ``dinolab knn`` (k = 20) and ``dinolab linear`` keep in the run
+folder's evaluation.json, where they have been computed.
 
 The figure overlays the runs' curves, one panel each for the train loss, the k-NN top-1 and the
 teacher's entropy (the collapse signal of DINO; the objectives that have no teacher entropy, such
@@ -20,6 +20,7 @@ cut mid-write is skipped (``plots.read_metrics``).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import Any
 import yaml
 
 from dinolab.config import ConfigError
+from dinolab.evaluation.commands import RESULTS
 from dinolab.visualization.plots import read_metrics, series
 
 DEFAULT_OUTPUT = "compare.png"
@@ -54,6 +56,7 @@ class Run:
     path: Path
     config: dict[str, Any]
     records: list[dict[str, Any]]
+    results: dict[str, float]  # evaluation.json: the full-split k-NN and linear figures
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -80,7 +83,9 @@ def read_run(path: Path) -> Run:
         values = None
     if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
         raise ConfigError(f"{config_path}: not a dinolab configuration")
-    return Run(path, flatten(values), read_metrics(path))
+    results = path / RESULTS
+    return Run(path, flatten(values), read_metrics(path),
+               json.loads(results.read_text()) if results.is_file() else {})
 
 
 def differing_keys(runs: Sequence[Run]) -> list[str]:
@@ -112,8 +117,10 @@ def last_value(records: list[dict[str, Any]], kinds: tuple[str, ...], key: str) 
 
 
 def summary_row(run: Run) -> list[str]:
-    """loss, k-NN top-1, epochs done / planned, steps: where the run ended (or is now)."""
+    """loss, k-NN top-1, epochs done / planned, steps: where the run ended (or is now); then
+    the full-split k-NN (k = 20) and linear top-1 where ``dinolab knn|linear`` computed them."""
     loss, knn = last_value(run.records, *LOSS), last_value(run.records, *KNN)
+    full_knn, linear = run.results.get("knn_top1_k20"), run.results.get("linear_top1")
     epochs = [int(record["epoch"]) for record in run.records if record.get("kind") == "epoch"]
     planned = run.config.get("train.epochs")
     return [
@@ -121,13 +128,15 @@ def summary_row(run: Run) -> list[str]:
         "" if knn is None else f"{knn:.1f}",
         f"{epochs[-1] if epochs else 0}/{planned}" if planned is not None else "",
         str(max(int(record.get("step", 0)) for record in run.records)),
+        "" if full_knn is None else f"{full_knn:.1f}",
+        "" if linear is None else f"{linear:.1f}",
     ]
 
 
 def table(runs: Sequence[Run]) -> str:
     """Plain aligned columns: names and configuration values left, figures right."""
     keys = differing_keys(runs)
-    header = ["run", *keys, "loss", "k-NN top-1", "epochs", "steps"]
+    header = ["run", *keys, "loss", "k-NN top-1", "epochs", "steps", "full k-NN", "linear"]
     rows = [[name, *(_text(run.config.get(key, ...)) for key in keys), *summary_row(run)]
             for name, run in zip(run_names(runs), runs, strict=True)]
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
