@@ -40,7 +40,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float,
     distributed = world_size() > 1
     with torch.autocast(teacher_logits.device.type, enabled=False):
         logits = teacher_logits.float()
-        maximum = logits.max()
+        # a process may have no rows (no masked patch in its micro-batch): it still joins in
+        maximum = logits.max() if logits.numel() else logits.new_full((), -torch.inf)
         if distributed:
             dist.all_reduce(maximum, op=dist.ReduceOp.MAX)  # collective
         masses = torch.exp((logits - maximum) / teacher_temp).T  # [K, B_local]
