@@ -11,10 +11,11 @@ from dinolab.methods.base import (
     backbone_of,
     batch_position,
 )
+from dinolab.methods.byol import BYOL
 from dinolab.methods.dino import DINO
 from dinolab.methods.dinov2 import DINOv2
 
-OBJECTIVES: dict[str, type[Objective]] = {"dino": DINO, "dinov2": DINOv2}
+OBJECTIVES: dict[str, type[Objective]] = {"dino": DINO, "dinov2": DINOv2, "byol": BYOL}
 
 
 def build_objective(config: Config) -> Objective:
