@@ -190,9 +190,9 @@ def save(state: TrainingState, run: RunContext, keep_epoch_copy: bool) -> Path:
 
 
 def _log_step(state: TrainingState, run: RunContext, loss: torch.Tensor, values: StepValues,
-              images_per_second: float, skipped: int) -> float:
-    """Metrics of a log step (host syncs: the finite check, the loss, its terms, the objective's
-    monitored values such as DINO's teacher entropy).
+              images_per_second: float, skipped: int) -> tuple[float, dict[str, float]]:
+    """Metrics of a log step -> the loss and its terms (host syncs: the finite check, the
+    loss, its terms, the objective's monitored values such as DINO's teacher entropy).
 
     ``skipped``: the samples skipped so far, recorded once there are any."""
     run.watch.check(run.last_good())
@@ -209,7 +209,7 @@ def _log_step(state: TrainingState, run: RunContext, loss: torch.Tensor, values:
     warning = run.collapse.observe(state.step, *signal) if signal and run.collapse else None
     if warning:
         say(warning)
-    return loss_value
+    return loss_value, terms
 
 
 @dataclass(frozen=True)
@@ -252,8 +252,11 @@ def run_epoch(state: TrainingState, data: TrainingData, run: RunContext) -> Epoc
             skipped = data.skips.check(state.device)  # agree on a data stop (a collective)
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             images_per_second = config.run.log_every_steps * config.train.batch_size / elapsed
-            loss_value = _log_step(state, run, loss, values, images_per_second, skipped)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{values.lr:.2e}",
+            loss_value, terms = _log_step(state, run, loss, values, images_per_second, skipped)
+            bar.set_postfix(loss=f"{loss_value:.4f}",
+                            **{name.removesuffix("_loss"): f"{value:.3f}"
+                               for name, value in terms.items()},
+                            lr=f"{values.lr:.2e}",
                             img_s=f"{images_per_second:.0f}",
                             **({"skipped": skipped} if skipped else {}))  # all processes
         if done + steps >= length.steps_per_epoch:
