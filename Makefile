@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint data install bench clean
+.PHONY: demo test lint data install bench quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ test: install data
 # (docs/benchmarks.md); benchmarks/gpu_suite.sh gives the GPU tables.
 bench: install data
 	$(BIN)/python benchmarks/throughput.py --steps 10 --warmup 3 --workers 1 --modes model,e2e,data
+
+# What each objective learns on Fashion-MNIST against raw pixels and random weights (the demo
+# recipe per objective, full-split k-NN and linear probe; about 35 minutes an objective on 2 CPU
+# cores without AVX-512): benchmarks/quality.py
+quality: install data
+	$(BIN)/python benchmarks/quality.py
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks examples
