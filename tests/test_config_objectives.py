@@ -1,0 +1,32 @@
+"""The objective's keys are validated before any work, with a message naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from dinolab.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["method=simclr"], "method"),
+    (["loss.koleo_weight=0.1"], "loss.koleo_weight"),  # DINOv2's term under method=dino
+    (["method=byol", "loss.ibot_weight=1.0"], "loss.ibot_weight"),
+    (["method=dinov2", "loss.koleo_weight=-1"], "loss.koleo_weight"),
+    (["method=dinov2", "loss.centering=softmax"], "loss.centering"),
+    (["method=byol", "loss.centering=sinkhorn"], "loss.centering"),
+    (["method=dinov2", "data.mask_ratio=[0.5,0.1]"], "data.mask_ratio"),
+    (["method=dinov2", "data.mask_probability=1.5"], "data.mask_probability"),
+    (["model.num_registers=-1"], "model.num_registers"),
+    (["optim.freeze_last_layer_by=weights"], "optim.freeze_last_layer_by"),
+])
+def test_invalid_objective_keys_name_the_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"invalid value for {key}"):
+        load_config(None, overrides)
+
+
+def test_valid_objective_keys_load() -> None:
+    config = load_config(None, ["method=dinov2", "loss.centering=sinkhorn",
+                                "loss.koleo_weight=0", "model.num_registers=4"])
+    assert (config.method, config.loss.centering, config.loss.koleo_weight,
+            config.model.num_registers) == ("dinov2", "sinkhorn", 0.0, 4)
+    assert load_config(None, ["loss.koleo_weight=0"]).method == "dino"  # 0 is allowed anywhere
