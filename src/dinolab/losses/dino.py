@@ -65,12 +65,14 @@ class DINOLoss(nn.Module):
         num_pairs = num_teacher_views * num_student_views - num_teacher_views
         return cross.masked_fill(same_view, 0.0).sum() / num_pairs
 
-    def teacher_probabilities(self, teacher_logits: torch.Tensor,
-                              teacher_temp: float) -> torch.Tensor:
-        """[N, K] raw teacher logits -> the teacher's targets [N, K] (centred and sharpened)."""
+    def teacher_probabilities(self, teacher_logits: torch.Tensor, teacher_temp: float,
+                              center: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, K] raw teacher logits -> the teacher's targets [N, K] (centred and sharpened);
+        ``center``: another centre than this loss's own (DINOv2's patch targets)."""
         if self.centering == "sinkhorn":
             return sinkhorn_knopp(teacher_logits, teacher_temp)  # collectives: sums over all
-        return F.softmax((teacher_logits - self.center) / teacher_temp, dim=-1)
+        center = self.center if center is None else center
+        return F.softmax((teacher_logits - center) / teacher_temp, dim=-1)
 
     @torch.no_grad()
     def update_center(self, batch_center: torch.Tensor) -> None:

@@ -114,12 +114,8 @@ class DINOv2Loss(nn.Module):
     def patch_targets(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """[M, K] -> [M, K]: the same centring and sharpening as the [CLS] targets, with the
         patches' own centre (the ``cls`` loss's rule, another buffer)."""
-        center = self.cls.center
-        try:
-            self.cls.center = self.patch_center
-            return self.cls.teacher_probabilities(teacher_logits.float(), teacher_temp)
-        finally:
-            self.cls.center = center
+        return self.cls.teacher_probabilities(teacher_logits.float(), teacher_temp,
+                                              self.patch_center)
 
     @torch.no_grad()
     def update_patch_center(self, logit_sum: torch.Tensor, count: torch.Tensor) -> None:
