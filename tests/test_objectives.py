@@ -536,6 +536,10 @@ def test_ibot_on_a_cnn_is_a_config_error() -> None:
     torch.manual_seed(0)
     state = build_state(load_config(None, [*overrides, "loss.ibot_weight=0"]))  # KoLeo alone
     assert state.objective.name == "dinov2"
+    generator = torch.Generator().manual_seed(1)
+    views = [torch.randn(4, 3, size, size, generator=generator) for size in (32, 32, 16, 16)]
+    loss = train_step(state, [views], StepValues(1e-3, 0.04, 0.9, 0.04, False))
+    assert torch.isfinite(loss) and set(state.terms) == {"dino_loss", "koleo_loss"}
 
 
 def test_koleo_with_one_image_per_micro_batch_is_a_config_error(tmp_path: Path) -> None:

@@ -177,9 +177,10 @@ class DINOv2(Objective):
 
     def forward(self, student: nn.Module, teacher: nn.Module, views: list[torch.Tensor],
                 batch: BatchPosition, values: StepValues) -> StepOutput:
-        patch_embed: Any = backbone_of(teacher).patch_embed
-        patch = int(patch_embed.patch_size[0])
-        masks = self.masks(batch, views[0], patch) if self.ibot_weight else None
+        masks = None
+        if self.ibot_weight:  # a ViT (check): the masks' grid is its patch grid
+            patch_embed: Any = backbone_of(teacher).patch_embed
+            masks = self.masks(batch, views[0], int(patch_embed.patch_size[0]))
         with torch.no_grad():
             teacher_cls, teacher_patches, _ = teacher(views[:2], masks)
         student_cls, student_patches, student_features = student(views, masks, mask_input=True)
