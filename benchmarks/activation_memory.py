@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from dinolab import auto
 from dinolab.config import load_config
 from dinolab.models.backbone import enable_grad_checkpointing
 from dinolab.training.state import build_network
@@ -35,6 +36,7 @@ def kept_for_backward(arguments: argparse.Namespace, backbone: str, batch: int,
     config = load_config(arguments.preset, [f"model.backbone={backbone}",
                                             f"data.num_local_crops={arguments.local_crops}",
                                             *arguments.set])
+    config = auto.resolve_for_preset(config, arguments.preset)
     with torch.device("meta"):
         student = build_network(config, config.model.drop_path_rate).train()
     if checkpointing:

@@ -25,8 +25,10 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch.nn import functional as F
 
+from dinolab import auto
 from dinolab.config import load_config
 from dinolab.data.datasets import build_sources
 from dinolab.data.transforms import EvalTransform
@@ -62,6 +64,7 @@ def initial_knn(overrides: list[str]) -> float:
     """The demo network at initialisation, built as ``train`` builds it from the seed."""
     config = load_config(None, overrides)
     sources = build_sources(config.data)
+    config, _ = auto.resolve(config, len(sources.train))  # type: ignore[arg-type]
     torch.manual_seed(config.train.seed)
     network = build_network(config, config.model.drop_path_rate)
     device = resolve_device(config.train.device)
@@ -80,7 +83,7 @@ def fitted_length(method: str, minutes: float, run_dir: Path, overrides: list[st
                                       "eval.knn_test_limit=100"])
     speeds = [record["images_per_second"] for record in read_metrics(probe)
               if record["kind"] == "train"][1:]  # the first includes the start-up
-    batch = load_config(None, overrides).train.batch_size
+    batch = OmegaConf.load(probe / "config.yaml").train.batch_size  # as the probe resolved it
     steps = int(minutes * 60 * sum(speeds) / len(speeds) / batch)
     return [f"train.limit_steps_per_epoch={max(steps // 2, 1)}", "train.epochs=2"]
 

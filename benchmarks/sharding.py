@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from dinolab import auto
 from dinolab.config import load_config
 from dinolab.distributed import fsdp
 from dinolab.training.step import StepValues, train_step
@@ -51,6 +52,7 @@ def measure(arguments: argparse.Namespace, parallel: str) -> dict[str, Any]:
     from dinolab.training.state import build_state
 
     config = load_config(arguments.preset, overrides(arguments, parallel))
+    config = auto.resolve_for_preset(config, arguments.preset)
     state = build_state(config)
     per_process = config.train.batch_size // int(os.environ["WORLD_SIZE"])
     sizes = [config.data.global_crop_size] * 2 + [config.data.local_crop_size] * \

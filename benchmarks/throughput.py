@@ -39,6 +39,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from dinolab import auto
 from dinolab.config import Config, load_config
 from dinolab.data.datasets import ArrayImages, build_sources
 from dinolab.training import step as step_module
@@ -109,9 +110,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_config(args: argparse.Namespace, batch: int, *extra: str) -> Config:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_config(args.preset, [*args.set, f"train.batch_size={batch}",
-                                     f"train.precision={args.precision}", f"train.device={device}",
-                                     f"data.num_workers={args.workers}", *extra])
+    config = load_config(args.preset, [*args.set, f"train.batch_size={batch}",
+                                       f"train.precision={args.precision}",
+                                       f"train.device={device}",
+                                       f"data.num_workers={args.workers}", *extra])
+    return auto.resolve_for_preset(config, args.preset)
 
 
 # ---------------------------------------------------------------------------------- data

@@ -51,6 +51,11 @@ def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
         "model.backbone_kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
         "model.head.out_dim=64", "model.head.hidden_dim=32", "model.head.bottleneck_dim=16",
         "train.epochs=2", "train.batch_size=16", "optim.warmup_epochs=1", "train.precision=fp32",
+        # the demo's values of the other auto keys, set: tests that build a state themselves
+        # need no data set size (tests/test_auto.py covers the resolution)
+        "loss.teacher_temp=0.02", "loss.warmup_teacher_temp=0.02",
+        "loss.warmup_teacher_temp_epochs=0", "optim.teacher_momentum=0.99",
+        "optim.freeze_last_layer_epochs=0",
         "eval.knn_every_epochs=0", "eval.batch_size=64",
         "run.progress_bar=false", "run.tensorboard=false", "run.log_every_steps=2",
         f"run.dir={run_dir}",

@@ -17,6 +17,7 @@ import timm
 import torch
 from conftest import global_torch_state_kept, make_fashion_mnist, tiny_overrides
 
+from dinolab import auto
 from dinolab.cli import main
 from dinolab.config import load_config, to_yaml
 
@@ -69,7 +70,8 @@ def _run_folder(*changes: str, checkpoint: str = "") -> Callable[[Path, Path], N
         run_dir.mkdir()
         config = load_config(None, [*tiny_overrides(inputs.parent / "fashion", run_dir),
                                     *changes])
-        (run_dir / "config.yaml").write_text(to_yaml(config))
+        resolved, _ = auto.resolve(config, 96)  # as a run saves it: auto resolved
+        (run_dir / "config.yaml").write_text(to_yaml(resolved))
         if checkpoint == "evil":
             torch.save({"student": Evil(inputs / "MARKER")}, run_dir / "checkpoint.pt")
         elif checkpoint == "garbage":
@@ -265,7 +267,7 @@ def test_tiny_training_run(tmp_path: Path, fashion_root: Path) -> None:
 
     # the saved configuration is the resolved one and loads back as is
     config = load_config(None, overrides)
-    assert load_config(str(run_dir / "config.yaml")) == config
+    assert load_config(str(run_dir / "config.yaml")) == auto.resolve(config, 96)[0]
 
     # console: k-NN lines for the initial and the trained teacher
     knn_values = [float(value) for value in KNN_LINE.findall(result.stdout)]
@@ -315,7 +317,8 @@ def test_show_config_prints_every_key_and_trains_nothing(tmp_path: Path,
     printed = capsys.readouterr().out
     assert printed == to_yaml(load_config("imagenet_vit_small",
                                           ["train.parallel=fsdp", f"run.dir={run_dir}"]))
-    assert "parallel: fsdp" in printed and "out_dim: 65536" in printed  # override and preset
+    assert "parallel: fsdp" in printed and "epochs: 100" in printed  # override and preset
+    assert "out_dim: auto" in printed  # resolved from the data's size when a run starts
     assert main(["train", "imagenet_vit_small", "--show-config", *arguments[1:]]) == 0
     assert capsys.readouterr().out == printed
     assert not run_dir.exists()

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from dinolab import auto
 from dinolab.config import (
     DEFAULT_PRESET,
     Config,
@@ -39,8 +40,11 @@ def _write(path: Path, text: str) -> str:
 
 
 def test_schema_defaults_are_the_reference_recipe() -> None:
-    """DINO_SPEC.md: ViT-S/16, 2x224 + 8x96, K = 65536, AdamW 5e-4 per 256, cosine schedules."""
-    config = Config()
+    """DINO_SPEC.md: ViT-S/16, 2x224 + 8x96, K = 65536, AdamW 5e-4 per 256, cosine schedules,
+    100 epochs: the schema's auto keys resolve to them on ImageNet-1k's 1,281,167 images."""
+    config, _ = auto.resolve(Config(), 1_281_167)
+    assert config.train.epochs == 100 and config.train.batch_size == 1024
+    assert (config.loss.warmup_teacher_temp, config.loss.warmup_teacher_temp_epochs) == (0.04, 0)
     assert config.model.backbone == "vit_small_patch16_224"
     assert (config.data.global_crop_size, config.data.local_crop_size) == (224, 96)
     assert config.data.num_local_crops == 8

@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_overrides
 from torch import nn
 
+from dinolab import auto
 from dinolab.config import Config, ConfigError, load_config
 from dinolab.models.multicrop import MultiCropNetwork, resolution_groups
 from dinolab.training.state import build_network
@@ -103,6 +104,7 @@ def test_readme_cnn_example_builds_on_the_demo_preset(tmp_path: Path) -> None:
     config = load_config(None, ["data.source=folder", f"data.root={tmp_path}",
                                 "model.backbone=resnet18", "data.global_crop_size=128",
                                 "data.local_crop_size=64", "model.backbone_kwargs={}"])
+    config = auto.resolve_for_preset(config, None)
     network = build_network(config, drop_path_rate=0.0).eval()
     with torch.no_grad():
         out = network(_views(1, [128, 64]))
@@ -122,6 +124,6 @@ def test_train_mode_keeps_gradients_to_the_backbone(tmp_path: Path) -> None:
     ("data.local_crop_size=10", "data.local_crop_size"),
 ])
 def test_crop_not_a_multiple_of_the_patch_is_a_config_error(override: str, key: str) -> None:
-    config = load_config(None, ["model.patch_size=7", override])
+    config = load_config(None, ["model.patch_size=7", "model.head.out_dim=64", override])
     with pytest.raises(ConfigError, match=key):
         build_network(config, drop_path_rate=0.0)

@@ -55,6 +55,7 @@ from test_crash_safety import (
 from test_ddp import LR, TOLERANCE, WORLD, global_batches, launch, step_config
 
 import dinolab
+from dinolab import auto
 from dinolab.config import Config, ConfigError, load_config
 from dinolab.methods import batch_position
 from dinolab.training.state import TrainingState, build_state
@@ -532,9 +533,10 @@ def test_ibot_on_a_cnn_is_a_config_error() -> None:
                  "data.local_crop_size=16", *SMALL_HEAD]
     with pytest.raises(ConfigError, match=r"loss\.ibot_weight: the iBOT patch loss needs a "
                                           r"vision transformer, and resnet10t is not one"):
-        build_state(load_config(None, overrides))
+        build_state(auto.resolve_for_preset(load_config(None, overrides), None))
     torch.manual_seed(0)
-    state = build_state(load_config(None, [*overrides, "loss.ibot_weight=0"]))  # KoLeo alone
+    config = load_config(None, [*overrides, "loss.ibot_weight=0"])  # KoLeo alone
+    state = build_state(auto.resolve_for_preset(config, None))
     assert state.objective.name == "dinov2"
     generator = torch.Generator().manual_seed(1)
     views = [torch.randn(4, 3, size, size, generator=generator) for size in (32, 32, 16, 16)]

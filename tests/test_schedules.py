@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from dinolab import auto
 from dinolab.config import Config, load_config
 from dinolab.training.schedules import (
     RunLength,
@@ -55,6 +56,11 @@ def test_warmup_cosine() -> None:
     assert warmup_cosine(0, total, 0, peak, end) == pytest.approx(peak)
 
 
+def reference_config() -> Config:
+    """The schema's defaults with auto resolved for ImageNet-1k: the paper's recipe."""
+    return auto.resolve(Config(), 1_281_167)[0]
+
+
 def _config(*overrides: str) -> Config:
     return load_config(None, list(overrides))
 
@@ -77,12 +83,13 @@ def test_learning_rate_follows_the_linear_scaling_rule() -> None:
 
 
 def test_learning_rate_with_fractional_warmup_and_defaults() -> None:
-    config = Config()  # reference recipe: 5e-4 per 256, batch 1024, 10 warm-up epochs, 100 epochs
+    # the reference recipe: 5e-4 per 256, batch 1024, 10 warm-up epochs, 100 epochs
+    config = reference_config()
     length = RunLength(steps_per_epoch=20, epochs=config.train.epochs)
     assert learning_rate(config, length, 0) == 0.0
     assert learning_rate(config, length, 10 * 20) == pytest.approx(5e-4 * 1024 / 256)
     assert learning_rate(config, length, length.total_steps - 1) == pytest.approx(1e-6)
-    half = _config("optim.warmup_epochs=0.5", "train.epochs=3")
+    half = _config("optim.warmup_epochs=0.5", "train.epochs=3", "train.batch_size=1024")
     short = RunLength(steps_per_epoch=10, epochs=3)
     half_peak = half.optim.lr * half.train.batch_size / 256
     assert learning_rate(half, short, 4) == pytest.approx(half_peak * 4 / 5)  # 5 warm-up steps
@@ -90,7 +97,7 @@ def test_learning_rate_with_fractional_warmup_and_defaults() -> None:
 
 
 def test_weight_decay_cosine_up() -> None:
-    config = Config()
+    config = reference_config()
     length = RunLength(steps_per_epoch=13, epochs=4)
     values = [weight_decay(config, length, step) for step in range(length.total_steps)]
     assert values[0] == pytest.approx(0.04)
@@ -100,7 +107,7 @@ def test_weight_decay_cosine_up() -> None:
 
 
 def test_teacher_momentum_cosine_to_one() -> None:
-    config = Config()
+    config = reference_config()
     length = RunLength(steps_per_epoch=9, epochs=5)
     values = [teacher_momentum(config, length, step) for step in range(length.total_steps)]
     assert values[0] == pytest.approx(0.996)
@@ -123,14 +130,15 @@ def test_teacher_temperature_warmup_per_epoch() -> None:
 
 
 def test_teacher_temperature_without_warmup_is_constant() -> None:
-    config = Config()  # reference default: 0.04 constant
+    config = reference_config()  # reference default: 0.04 constant
     assert {teacher_temperature(config, epoch) for epoch in range(5)} == {0.04}
-    config = _config("loss.teacher_temp=0.06", "loss.warmup_teacher_temp=0.03")
+    config = _config("loss.teacher_temp=0.06", "loss.warmup_teacher_temp=0.03",
+                     "loss.warmup_teacher_temp_epochs=0")
     assert teacher_temperature(config, 0) == pytest.approx(0.06)
 
 
 def test_last_layer_frozen_for_the_first_epoch() -> None:
-    config = Config()
+    config = reference_config()
     length = RunLength(steps_per_epoch=8, epochs=3)
     frozen = [last_layer_frozen(config, length, step) for step in range(length.total_steps)]
     assert frozen == [True] * 8 + [False] * 16

@@ -41,8 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("overrides", nargs="*", metavar="PRESET_OR_YAML|key=value")
     train.add_argument("--show-config", action="store_true",
-                       help="print the resolved configuration (every key, with its value) and "
-                       "exit without training")
+                       help="print the resolved configuration (every key, with its value; the "
+                       "keys at auto are resolved from the data set's size when a run starts "
+                       "and saved in its config.yaml) and exit without training")
     _add_evaluation_commands(commands)
     _add_visualization_commands(commands)
     return parser

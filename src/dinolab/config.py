@@ -21,6 +21,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dinolab.auto import AUTO, AUTO_KEYS, get
+
 
 class ConfigError(ValueError):
     """A configuration mistake; the CLI prints the message as one line and exits with status 2."""
@@ -76,7 +78,7 @@ class DataConfig:
 
 @dataclass
 class HeadConfig:
-    out_dim: int = 65536
+    out_dim: Any = AUTO  # K: an int, or auto (dinolab/auto.py: by the data set's size)
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     num_layers: int = 3
@@ -116,9 +118,10 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_epochs: int = 0
+    # auto (dinolab/auto.py): by the data set's size; the reference's 0.04, 0.04, 0 from 1M on
+    teacher_temp: Any = AUTO
+    warmup_teacher_temp: Any = AUTO
+    warmup_teacher_temp_epochs: Any = AUTO
     center_momentum: float = 0.9
     # DINOv2's terms (method=dinov2; blank: the method's default, 0.1 and 1.0; dino has none)
     koleo_weight: float | None = None
@@ -132,13 +135,14 @@ class LossConfig:
 class OptimConfig:
     lr: float = 5e-4  # per 256 images; the peak LR is lr * batch_size / 256
     min_lr: float = 1e-6
-    warmup_epochs: float = 10.0
+    # auto (dinolab/auto.py): a share of the run's steps; the reference's 10 epochs from 1M on
+    warmup_epochs: Any = AUTO
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 3.0  # per parameter tensor, as the reference; 0 disables
-    freeze_last_layer_epochs: float = 1.0
-    teacher_momentum: float = 0.996
+    freeze_last_layer_epochs: Any = AUTO  # auto: none for short runs; 1 epoch from 1M on
+    teacher_momentum: Any = AUTO  # auto: 1 - 10 / steps within [0.99, 0.996]
     teacher_momentum_end: float = 1.0
     # How the prototype layer is frozen: gradients (DINO: dropped, AdamW's moments untouched)
     # or lr (DINOv2: a learning rate of 0, the moments keep accumulating)
@@ -147,8 +151,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 1024  # images per optimizer step, over all processes and micro-batches
+    epochs: Any = AUTO  # auto: about 40k / 120k images seen by data-set size; 100 from 1M on
+    # images per optimizer step, over all processes and micro-batches; auto: about N / 400 in
+    # [32, 1024] (dinolab/auto.py), the reference's 1024 from 1M images on
+    batch_size: Any = AUTO
     accumulation_steps: int = 1
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 where native, else fp32)
     device: str = "auto"  # auto | cpu | cuda
@@ -278,6 +284,11 @@ def _normalise(config: Config) -> None:
     config.run.dir = os.path.expanduser(config.run.dir)
     if config.model.weights:
         config.model.weights = os.path.expanduser(config.model.weights)
+    for key in AUTO_KEYS:  # a YAML 2 where a float is meant: 2.0, as the typed keys get it
+        value = get(config, key)
+        if key not in INTEGER_AUTO_KEYS and isinstance(value, int) and not isinstance(value, bool):
+            section, name = key.rsplit(".", 1)
+            setattr(get(config, section), name, float(value))
     for section_name in ("data", "optim"):
         section = getattr(config, section_name)
         for item in dataclasses.fields(section):
@@ -316,6 +327,37 @@ def from_dict(values: dict[str, Any]) -> Config:
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"invalid value for {key}: {message}")
+
+
+# The keys of AUTO_KEYS that take whole numbers; the others take any number.
+INTEGER_AUTO_KEYS = ("train.batch_size", "train.epochs", "model.head.out_dim",
+                     "loss.warmup_teacher_temp_epochs")
+
+
+def _unset(value: Any) -> bool:
+    """Left at auto: resolved at the start of a run (dinolab/auto.py), checked then."""
+    return bool(value == AUTO)
+
+
+def require_resolved(config: Config, keys: tuple[str, ...] = AUTO_KEYS) -> None:
+    """A ConfigError if any of ``keys`` is still auto: building a network or a training state
+    needs numbers, which a run resolves from its data set's size (dinolab/auto.py)."""
+    left = [key for key in keys if _unset(get(config, key))]
+    if left:
+        raise ConfigError(f"{', '.join(left)} still auto: resolve them for the data set's size "
+                          "first (dinolab.auto.resolve(config, num_images))")
+
+
+def _check_auto_keys(config: Config) -> None:
+    """The schema types these keys loosely (a number or auto): their types are checked here."""
+    for key in AUTO_KEYS:
+        value = get(config, key)
+        if _unset(value):
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        whole = key in INTEGER_AUTO_KEYS
+        _require(number and (isinstance(value, int) or not whole), key,
+                 f"must be {'a whole number' if whole else 'a number'} or auto, got {value!r}")
 
 
 def validate(config: Config) -> None:
@@ -361,7 +403,8 @@ def validate(config: Config) -> None:
     _require(0 <= data.mask_probability <= 1, "data.mask_probability", "must be in [0, 1]")
     _require(data.mask_ratio[1] < 1, "data.mask_ratio", "the upper bound must be < 1")
 
-    _require(head.out_dim > 0, "model.head.out_dim", "must be > 0")
+    _check_auto_keys(config)
+    _require(head.out_dim == AUTO or head.out_dim > 0, "model.head.out_dim", "must be > 0")
     _require(head.hidden_dim > 0, "model.head.hidden_dim", "must be > 0")
     _require(head.bottleneck_dim > 0, "model.head.bottleneck_dim", "must be > 0")
     _require(head.num_layers >= 1, "model.head.num_layers", "must be >= 1")
@@ -377,8 +420,10 @@ def validate(config: Config) -> None:
     )
 
     for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
-        _require(getattr(loss, key) > 0, f"loss.{key}", "a temperature must be > 0")
-    _require(loss.warmup_teacher_temp_epochs >= 0, "loss.warmup_teacher_temp_epochs", ">= 0")
+        _require(_unset(getattr(loss, key)) or getattr(loss, key) > 0, f"loss.{key}",
+                 "a temperature must be > 0")
+    _require(_unset(loss.warmup_teacher_temp_epochs) or loss.warmup_teacher_temp_epochs >= 0,
+             "loss.warmup_teacher_temp_epochs", ">= 0")
     _require(0 <= loss.center_momentum < 1, "loss.center_momentum", "must be in [0, 1)")
     _require(config.method in METHODS, "method", f"must be one of {METHODS}")
     _require(loss.centering in CENTERINGS, "loss.centering", f"must be one of {CENTERINGS}")
@@ -392,22 +437,25 @@ def validate(config: Config) -> None:
 
     _require(0 < optim.lr < math.inf, "optim.lr", "must be > 0 and finite")
     _require(0 <= optim.min_lr <= optim.lr, "optim.min_lr", "must be in [0, optim.lr]")
-    _require(optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    _require(_unset(optim.warmup_epochs) or optim.warmup_epochs >= 0, "optim.warmup_epochs",
+             "must be >= 0")
     _require(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(optim.weight_decay_end >= 0, "optim.weight_decay_end", "must be >= 0")
     _require(all(0 <= b < 1 for b in optim.betas), "optim.betas", "must be in [0, 1)")
     _require(optim.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables)")
-    _require(optim.freeze_last_layer_epochs >= 0, "optim.freeze_last_layer_epochs", ">= 0")
+    _require(_unset(optim.freeze_last_layer_epochs) or optim.freeze_last_layer_epochs >= 0,
+             "optim.freeze_last_layer_epochs", ">= 0")
     _require(optim.freeze_last_layer_by in ("gradients", "lr"), "optim.freeze_last_layer_by",
              "gradients or lr")
     for key in ("teacher_momentum", "teacher_momentum_end"):
-        _require(0 <= getattr(optim, key) <= 1, f"optim.{key}", "must be in [0, 1]")
+        _require(_unset(getattr(optim, key)) or 0 <= getattr(optim, key) <= 1, f"optim.{key}",
+                 "must be in [0, 1]")
 
-    _require(train.epochs > 0, "train.epochs", "must be > 0")
-    _require(train.batch_size > 0, "train.batch_size", "must be > 0")
+    _require(_unset(train.epochs) or train.epochs > 0, "train.epochs", "must be > 0")
+    _require(_unset(train.batch_size) or train.batch_size > 0, "train.batch_size", "must be > 0")
     _require(train.accumulation_steps >= 1, "train.accumulation_steps", "must be >= 1")
     _require(
-        train.batch_size % train.accumulation_steps == 0,
+        _unset(train.batch_size) or train.batch_size % train.accumulation_steps == 0,
         "train.batch_size",
         f"{train.batch_size} is not divisible by train.accumulation_steps",
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dinolab.config import Config
+from dinolab.config import Config, require_resolved
 from dinolab.methods.base import (
     BatchPosition,
     Objective,
@@ -19,6 +19,9 @@ OBJECTIVES: dict[str, type[Objective]] = {"dino": DINO, "dinov2": DINOv2, "byol"
 
 
 def build_objective(config: Config) -> Objective:
+    """The configured objective; ``config`` must have its auto keys resolved (dinolab/auto.py:
+    training resolves them from the data set's size before it builds anything)."""
+    require_resolved(config, ("model.head.out_dim",))  # the head's shape
     return OBJECTIVES[config.method](config)
 
 

@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from dinolab.config import Config, ConfigError, from_dict, to_dict, to_yaml
+from dinolab import auto
+from dinolab.config import Config, ConfigError, from_dict, to_dict, to_yaml, validate
 from dinolab.data.datasets import UNLABELLED, Sources, build_sources
 from dinolab.data.skipping import SkipLog
 from dinolab.data.transforms import EvalTransform
@@ -119,8 +121,6 @@ def prepare_run_dir(config: Config) -> Path:
     run_dir = Path(config.run.dir)
     saved_config = run_dir / "config.yaml"
     if saved_config.is_file():
-        from omegaconf import OmegaConf
-
         saved = to_dict(from_dict(OmegaConf.to_container(OmegaConf.load(saved_config))))  # type: ignore[arg-type]
         changed = _changed_keys(saved, to_dict(config))
         if changed:
@@ -314,6 +314,22 @@ def _check_batch(config: Config, num_images: int) -> None:
                           f"larger than the data set ({num_images} images)")
 
 
+def resolve_auto(config: Config, num_images: int) -> Config:
+    """``config`` with its auto keys resolved (dinolab/auto.py), said in one line. A run folder
+    that holds a config.yaml gives back the values it started with, whatever the data's size."""
+    saved_file = Path(config.run.dir) / "config.yaml"
+    kept = {}
+    if saved_file.is_file():
+        saved = OmegaConf.load(saved_file)
+        kept = {key: OmegaConf.select(saved, key) for key in auto.unresolved(config)}
+        kept = {key: value for key, value in kept.items() if value not in (None, auto.AUTO)}
+    resolved, chosen = auto.resolve(config, num_images, kept, world_size())
+    if chosen:
+        say(auto.describe(chosen, num_images, from_run_folder=bool(kept)))
+        validate(resolved)
+    return resolved
+
+
 def _resume(state: TrainingState, run_dir: Path) -> dict[str, Any] | None:
     """Load the run folder's latest checkpoint into ``state`` -> the checkpoint, or None."""
     saved = load_latest(run_dir, say)
@@ -357,6 +373,7 @@ def _train(config: Config, dataset: Dataset | None, started: float) -> TrainResu
     seed_everything(config)
     sources = _training_sources(config, dataset)
     num_images = len(sources.train)  # type: ignore[arg-type]
+    config = resolve_auto(config, num_images)
     _check_batch(config, num_images)
     state = build_state(config)  # before the run folder: a bad backbone leaves nothing behind
     check_for_device(config, state.device)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dinolab.config import Config, ConfigError
+from dinolab.config import Config, ConfigError, require_resolved
 from dinolab.distributed import fsdp, is_main_process, world_size
 from dinolab.methods import Objective, backbone_of, build_objective
 from dinolab.models.backbone import (
@@ -214,6 +214,7 @@ class TrainingState:
 
 
 def build_state(config: Config) -> TrainingState:
+    require_resolved(config)  # the schedules need them all
     device = resolve_device(config.train.device)
     data = config.data
     one_pixel = trace_crop_sizes(config.model, data.global_crop_size,
