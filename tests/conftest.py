@@ -45,6 +45,7 @@ def fashion_root(tmp_path: Path) -> Path:
 def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
     """A ViT of one block on 28 px crops: a few steps take well under a second each."""
     return [
+        "method=dino",  # the schema's objective (the demo preset's is dinov2)
         "data.source=fashion-mnist", f"data.root={data_root}", "data.num_workers=0",
         "data.global_crop_size=28", "data.local_crop_size=14", "data.num_local_crops=2",
         "model.backbone=vit_tiny_patch16_224", "model.patch_size=7",
