@@ -531,12 +531,14 @@ def test_ibot_on_a_cnn_is_a_config_error() -> None:
     overrides = ["method=dinov2", "model.backbone=resnet10t", "model.drop_path_rate=0",
                  "train.device=cpu", "train.precision=fp32", "data.global_crop_size=32",
                  "data.local_crop_size=16", *SMALL_HEAD]
+    explicit = load_config(None, [*overrides, "loss.ibot_weight=1.0"])
     with pytest.raises(ConfigError, match=r"loss\.ibot_weight: the iBOT patch loss needs a "
                                           r"vision transformer, and resnet10t is not one"):
-        build_state(auto.resolve_for_preset(load_config(None, overrides), None))
+        build_state(auto.resolve_for_preset(explicit, None))
     torch.manual_seed(0)
-    config = load_config(None, [*overrides, "loss.ibot_weight=0"])  # KoLeo alone
+    config = load_config(None, overrides)  # a blank iBOT weight: KoLeo alone on a CNN
     state = build_state(auto.resolve_for_preset(config, None))
+    assert (state.objective.koleo_weight, state.objective.ibot_weight) == (0.1, 0.0)
     assert state.objective.name == "dinov2"
     generator = torch.Generator().manual_seed(1)
     views = [torch.randn(4, 3, size, size, generator=generator) for size in (32, 32, 16, 16)]

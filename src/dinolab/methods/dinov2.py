@@ -42,10 +42,16 @@ DEFAULT_IBOT_WEIGHT = 1.0  # DINOv2's ibot.loss_weight
 
 
 def term_weights(config: Config) -> tuple[float, float]:
-    """(KoLeo, iBOT) weights: the configured ones, or DINOv2's where blank."""
+    """(KoLeo, iBOT) weights: the configured ones, or DINOv2's where blank (a blank iBOT weight
+    becomes 0 on a backbone without patch tokens: DINOv2.build_network)."""
     koleo, ibot = config.loss.koleo_weight, config.loss.ibot_weight
     return (DEFAULT_KOLEO_WEIGHT if koleo is None else koleo,
             DEFAULT_IBOT_WEIGHT if ibot is None else ibot)
+
+
+def has_patch_tokens(backbone: nn.Module) -> bool:
+    """A timm ViT: a patch embedding to put mask tokens in, and prefix tokens to skip."""
+    return hasattr(backbone, "patch_embed") and hasattr(backbone, "num_prefix_tokens")
 
 
 class DINOv2Network(nn.Module):
@@ -142,6 +148,8 @@ class DINOv2(Objective):
     def build_network(self, drop_path_rate: float, student: bool) -> nn.Module:
         config = self.config
         backbone = build_backbone(config, drop_path_rate)
+        if config.loss.ibot_weight is None and not has_patch_tokens(backbone):
+            self.ibot_weight = 0.0  # blank: iBOT where there are patch tokens to mask, else none
         width = feature_dim(backbone)
         patch_head = (DINOHead(width, config.model.head)
                       if self.ibot_weight and config.model.ibot_separate_head else None)
@@ -150,8 +158,7 @@ class DINOv2(Objective):
 
     def check(self, network: nn.Module, micro_batch: int) -> None:
         backbone = backbone_of(network)
-        if self.ibot_weight and not (hasattr(backbone, "patch_embed")
-                                     and hasattr(backbone, "num_prefix_tokens")):
+        if self.ibot_weight and not has_patch_tokens(backbone):
             raise ConfigError(f"invalid value for loss.ibot_weight: the iBOT patch loss needs a "
                               f"vision transformer, and {self.config.model.backbone} is not one; "
                               "set loss.ibot_weight=0")
