@@ -9,7 +9,7 @@ from dinolab.config import ConfigError, load_config
 
 @pytest.mark.parametrize(("overrides", "key"), [
     (["method=simclr"], "method"),
-    (["loss.koleo_weight=0.1"], "loss.koleo_weight"),  # DINOv2's term under method=dino
+    (["method=dino", "loss.koleo_weight=0.1"], "loss.koleo_weight"),  # DINOv2's term, DINO
     (["method=byol", "loss.ibot_weight=1.0"], "loss.ibot_weight"),
     (["method=dinov2", "loss.koleo_weight=-1"], "loss.koleo_weight"),
     (["method=dinov2", "loss.centering=softmax"], "loss.centering"),
@@ -29,4 +29,5 @@ def test_valid_objective_keys_load() -> None:
                                 "loss.koleo_weight=0", "model.num_registers=4"])
     assert (config.method, config.loss.centering, config.loss.koleo_weight,
             config.model.num_registers) == ("dinov2", "sinkhorn", 0.0, 4)
-    assert load_config(None, ["loss.koleo_weight=0"]).method == "dino"  # 0 is allowed anywhere
+    # 0 is allowed anywhere
+    assert load_config(None, ["method=dino", "loss.koleo_weight=0"]).method == "dino"

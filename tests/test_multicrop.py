@@ -101,7 +101,7 @@ def test_cnn_backbone_through_the_same_path(tmp_path: Path, backbone: str) -> No
 
 
 def test_readme_cnn_example_builds_on_the_demo_preset(tmp_path: Path) -> None:
-    config = load_config(None, ["data.source=folder", f"data.root={tmp_path}",
+    config = load_config(None, ["method=dino", "data.source=folder", f"data.root={tmp_path}",
                                 "model.backbone=resnet18", "data.global_crop_size=128",
                                 "data.local_crop_size=64", "model.backbone_kwargs={}"])
     config = auto.resolve_for_preset(config, None)
