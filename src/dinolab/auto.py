@@ -137,7 +137,7 @@ def get(config: Any, key: str) -> Any:
     return config
 
 
-def _set(config: Any, key: str, value: Any) -> None:
+def set_value(config: Any, key: str, value: Any) -> None:
     *path, last = key.split(".")
     for part in path:
         config = getattr(config, part)
@@ -167,7 +167,7 @@ def resolve(config: Any, num_images: int, kept: dict[str, Any] | None = None,
                          processes, train.accumulation_steps)
     chosen = {key: kept.get(key, values[key]) for key in keys}
     for key, value in chosen.items():
-        _set(resolved, key, value)
+        set_value(resolved, key, value)
     return resolved, chosen
 
 

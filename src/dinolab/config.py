@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dinolab.auto import AUTO, AUTO_KEYS, get
+from dinolab.auto import AUTO, AUTO_KEYS, get, set_value
 
 
 class ConfigError(ValueError):
@@ -287,8 +287,7 @@ def _normalise(config: Config) -> None:
     for key in AUTO_KEYS:  # a YAML 2 where a float is meant: 2.0, as the typed keys get it
         value = get(config, key)
         if key not in INTEGER_AUTO_KEYS and isinstance(value, int) and not isinstance(value, bool):
-            section, name = key.rsplit(".", 1)
-            setattr(get(config, section), name, float(value))
+            set_value(config, key, float(value))
     for section_name in ("data", "optim"):
         section = getattr(config, section_name)
         for item in dataclasses.fields(section):
