@@ -228,3 +228,11 @@ def test_wrong_length_tuples_raise_config_error(override: str, key: str) -> None
 def test_backbone_kwargs_override_replaces_the_preset_value() -> None:
     config = load_config(None, ["model.backbone=resnet18", "model.backbone_kwargs={}"])
     assert config.model.backbone_kwargs == {}
+
+
+def test_backbone_kwargs_without_a_space_after_the_colon_is_a_config_error() -> None:
+    """YAML reads {depth:2} as one key "depth:2" with no value, which timm would ignore."""
+    with pytest.raises(ConfigError, match=r"model.backbone_kwargs.*'depth:2'.*space"):
+        load_config(None, ["model.backbone_kwargs={depth:2,embed_dim:64}"])
+    assert load_config(None, ["model.backbone_kwargs={depth: 2}"]).model.backbone_kwargs == {
+        "depth": 2}

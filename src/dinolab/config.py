@@ -371,6 +371,11 @@ def validate(config: Config) -> None:
                  f"data.source={data.source} has no splits" if splits == ("",)
                  else f"must be one of {splits} for data.source={data.source}")
     _require(0 <= data.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]")
+    glued = [str(key) for key, value in config.model.backbone_kwargs.items()
+             if value is None and ":" in str(key)]
+    _require(not glued, "model.backbone_kwargs",
+             f"{glued[0] if glued else ''!r} is one key with no value: write a space after "
+             "the colon ({depth: 2}, not {depth:2})")
     _require(data.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(data.augmentation in AUGMENTATIONS, "data.augmentation",
              f"must be one of {AUGMENTATIONS}")
