@@ -101,10 +101,16 @@ def _add_evaluation_commands(commands: argparse._SubParsersAction) -> None:
     embed.add_argument("--split", choices=("train", "test"), default="train",
                        help="which split of the data (default: train)")
     embed.add_argument("--plot", metavar="FILE.png", help="a 2-D PCA map coloured by label")
-    export = evaluated("export", "the backbone as safetensors + a JSON sidecar timm reads",
-                       data=False)
-    export.add_argument("--out", required=True, metavar="FILE.safetensors",
+    export = evaluated("export", "the backbone as safetensors + a JSON sidecar timm reads, a "
+                       "Hugging Face Hub folder, or ONNX (one or several)", data=False)
+    export.add_argument("--out", metavar="FILE.safetensors",
                         help="where the weights go; FILE.json, next to it, names the model")
+    export.add_argument("--hub", metavar="DIR", help="a folder timm loads as local-dir:DIR "
+                        "(config.json, model.safetensors, a README.md model card)")
+    export.add_argument("--push", metavar="REPO_ID",
+                        help="then upload the --hub folder to this Hugging Face Hub repository")
+    export.add_argument("--onnx", metavar="FILE.onnx", help="an ONNX graph with a dynamic batch "
+                        "axis (needs pip install 'dinolab[onnx]')")
 
 
 def _add_visualization_commands(commands: argparse._SubParsersAction) -> None:
@@ -206,7 +212,8 @@ def _embed(arguments: argparse.Namespace) -> int:
 def _export(arguments: argparse.Namespace) -> int:
     from dinolab.evaluation.commands import run_export
 
-    run_export(arguments.path, arguments.out, arguments.weights)
+    run_export(arguments.path, arguments.weights, arguments.out, arguments.hub, arguments.onnx,
+               arguments.push)
     return 0
 
 

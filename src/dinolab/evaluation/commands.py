@@ -3,15 +3,14 @@ the cache), evaluate, print. The CLI only parses and calls these."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from dinolab.config import ConfigError
 from dinolab.data.transforms import EvalTransform
 from dinolab.evaluation.cache import cache_key, cached_features
 from dinolab.evaluation.embedding import (
@@ -20,8 +19,9 @@ from dinolab.evaluation.embedding import (
     principal_components,
     write_embeddings,
 )
-from dinolab.evaluation.export import export_backbone
+from dinolab.evaluation.export import export_backbone, safetensors_destination
 from dinolab.evaluation.features import block_features, extract_features
+from dinolab.evaluation.hub import hub_destination, push_folder, write_hub_folder
 from dinolab.evaluation.inputs import (
     EvaluationInputs,
     all_images,
@@ -30,21 +30,16 @@ from dinolab.evaluation.inputs import (
 )
 from dinolab.evaluation.knn import knn_accuracies
 from dinolab.evaluation.linear import ProbeSettings, linear_probe
+from dinolab.evaluation.loading import load_backbone
+from dinolab.evaluation.onnx_export import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    export_onnx,
+    onnx_destination,
+)
+from dinolab.evaluation.results import record_result
 
 OUTPUT = "output"  # the backbone's own output: final-normed [CLS] or pooled feature
-RESULTS = "evaluation.json"  # a run folder's full-split figures (dinolab compare shows them)
-
-
-def record_result(path: str, weights: str, data_path: str | None, overrides: Sequence[str],
-                  values: dict[str, Any]) -> None:
-    """Keep a run folder's own figures (its teacher on its own data) in ``evaluation.json``;
-    figures on other data, of the student, or of a file are only printed."""
-    folder = Path(path)
-    if not folder.is_dir() or weights != "teacher" or data_path or overrides:
-        return
-    file = folder / RESULTS
-    results = json.loads(file.read_text()) if file.is_file() else {}
-    file.write_text(json.dumps(results | values, indent=1) + "\n")
 
 
 def features_of(inputs: EvaluationInputs, split: str, images: Dataset, kind: str = OUTPUT,
@@ -157,8 +152,35 @@ def run_embed(path: str, out: str, weights: str = "teacher", data_path: str | No
     return destination
 
 
-def run_export(path: str, out: str, weights: str = "teacher") -> Path:
-    destination, info = export_backbone(path, out, weights)
-    print(f"{info.model_name} ({info.weights}) from {info.file} exported to {destination} "
-          f"and {destination.with_suffix('.json')}")
-    return destination
+def run_export(path: str, weights: str = "teacher", out: str | None = None,
+               hub: str | None = None, onnx: str | None = None,
+               push: str | None = None) -> list[Path]:
+    """Any of the three forms from one load of the backbone -> the files and folders written.
+    Every argument is checked before the backbone is loaded; the upload comes last."""
+    if not (out or hub or onnx):
+        raise ConfigError("export needs --out FILE.safetensors, --hub DIR or --onnx FILE.onnx "
+                          "(one or several)")
+    if push and not hub:
+        raise ConfigError(f"--push {push} uploads a --hub folder: give --hub DIR too")
+    safetensors_file = safetensors_destination(out) if out else None
+    hub_folder = hub_destination(hub) if hub else None
+    onnx_file = onnx_destination(onnx) if onnx else None
+    backbone, info = load_backbone(path, weights)
+    source = f"{info.model_name} ({info.weights}) from {info.file}"
+    written: list[Path] = []
+    if hub_folder:  # first: it refuses an export as its source before anything is written
+        write_hub_folder(backbone, info, hub_folder, push)
+        print(f"{source} exported to {hub_folder} (timm: local-dir:{hub_folder})")
+        written.append(hub_folder)
+    if safetensors_file:
+        sidecar = export_backbone(backbone, info, safetensors_file)
+        print(f"{source} exported to {safetensors_file} and {sidecar}")
+        written.append(safetensors_file)
+    if onnx_file:
+        shape = ", ".join(str(side) for side in export_onnx(backbone, info, onnx_file))
+        print(f"{source} exported to {onnx_file} (input {INPUT_NAME!r} [batch, {shape}], "
+              f"output {OUTPUT_NAME!r} [batch, width])")
+        written.append(onnx_file)
+    if hub_folder and push:
+        print(f"{hub_folder} pushed to {push_folder(hub_folder, push)} (timm: hf-hub:{push})")
+    return written

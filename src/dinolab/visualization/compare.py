@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from dinolab.config import ConfigError
-from dinolab.evaluation.commands import RESULTS
+from dinolab.evaluation.results import RESULTS
 from dinolab.visualization.plots import read_metrics, series
 
 DEFAULT_OUTPUT = "compare.png"
