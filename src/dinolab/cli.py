@@ -11,7 +11,8 @@ from dinolab import __version__
 from dinolab.config import ConfigError, load_config, preset_names, to_yaml
 
 # Exit statuses of ``dinolab train`` (README, "Crash safety and preemption").
-EXIT_CONFIG_ERROR = 2  # a mistake in the configuration, arguments or input files: nothing written
+EXIT_CONFIG_ERROR = 2  # a mistake in the configuration, arguments or input files (or an upload
+#                        without a network): found before any work, except that upload
 EXIT_NON_FINITE = 3  # NaN or inf in the loss or gradients: stopped, the last good checkpoint kept
 EXIT_STOPPED = 4  # SIGTERM or SIGINT: the current step saved; the same command resumes
 EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (disk full, I/O error); the last is kept
