@@ -30,12 +30,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    # folder | filelist | imagenet | stl10 | cifar10 | cifar100 | mnist | fashion-mnist
+    # folder | filelist | imagenet | stl10 | cifar10 | cifar100 | mnist | fashion-mnist | hf
     source: str = "folder"
     # the image folder, the .txt/.csv file list, or where a named data set's files are
-    # ("" searches the usual places: ./data, and Debian's folder for Fashion-MNIST)
+    # ("" searches the usual places: ./data, and Debian's folder for Fashion-MNIST); hf: a
+    # save_to_disk folder, a folder of parquet files or a Hub name (data/hugging_face.py)
     root: str = ""
-    split: str = ""  # the split trained on; "" is the source's default (DATA_SPLITS)
+    split: str = ""  # the split trained on; "" is the source's default (DATA_SPLITS; hf: train)
+    # hf: the columns of the images and the labels; "": the first Image column, and the first
+    # ClassLabel column or one named label(s) (labels feed only the k-NN monitor)
+    image_column: str = ""
+    label_column: str = ""
     download: bool = False  # named data sets: let torchvision fetch missing files
     # Unreadable files are skipped and replaced; more than this fraction of the samples read
     # failing stops the run (judged over at least one epoch's worth of samples)
@@ -190,6 +195,14 @@ class RunConfig:
     log_every_steps: int = 10
     progress_bar: bool = True
     tensorboard: bool = True
+    # Weights & Biases (pip install 'dinolab[wandb]'): the TensorBoard scalars and images, the
+    # resolved config and the k-NN results, from the main process; WANDB_MODE=offline needs no
+    # network. The W&B run's id is kept in run.dir/wandb_id: a resumed run continues it
+    wandb: bool = False
+    wandb_project: str = "dinolab"
+    wandb_entity: str = ""  # "": W&B's default (WANDB_ENTITY, else the account's)
+    wandb_name: str = ""  # "": a name W&B makes up
+    wandb_tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -206,7 +219,7 @@ class Config:
 
 DEFAULT_PRESET = "demo"
 DATA_SOURCES = ("folder", "filelist", "imagenet", "stl10", "cifar10", "cifar100", "mnist",
-                "fashion-mnist")
+                "fashion-mnist", "hf")
 # The splits each source can train on, its default first ("" where a source has no splits).
 DATA_SPLITS = {
     "folder": ("",), "filelist": ("",), "imagenet": ("train", "val"),
@@ -371,6 +384,9 @@ def validate(config: Config) -> None:
                  f"data.source={data.source} has no splits" if splits == ("",)
                  else f"must be one of {splits} for data.source={data.source}")
     _require(0 <= data.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]")
+    for key in ("image_column", "label_column"):
+        _require(not getattr(data, key) or data.source == "hf", f"data.{key}",
+                 "only data.source=hf has columns")
     glued = [str(key) for key, value in config.model.backbone_kwargs.items()
              if value is None and ":" in str(key)]
     _require(not glued, "model.backbone_kwargs",
@@ -486,3 +502,6 @@ def validate(config: Config) -> None:
     _require(0 <= config.run.checkpoint_every_minutes < math.inf, "run.checkpoint_every_minutes",
              "must be >= 0 and finite (0: only at the end of each epoch)")
     _require(config.run.log_every_steps > 0, "run.log_every_steps", "must be > 0")
+    _require(bool(config.run.wandb_project), "run.wandb_project", "must not be empty")
+    _require(all(0 < len(tag) <= 64 for tag in config.run.wandb_tags), "run.wandb_tags",
+             "W&B tags are 1 to 64 characters long")

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from dinolab.config import DataConfig
 from dinolab.data.folders import file_list, image_folder, imagenet
+from dinolab.data.hugging_face import hugging_face
 from dinolab.data.images import (  # noqa: F401 (the names other modules import from here)
     UNLABELLED,
     ArrayImages,
@@ -36,6 +37,7 @@ SOURCES: dict[str, Callable[[DataConfig], Sources]] = {
     "cifar100": cifar100,
     "mnist": mnist,
     "fashion-mnist": fashion_mnist,
+    "hf": hugging_face,
 }
 
 

@@ -10,9 +10,11 @@ that cannot feed a run raises ``DataError``.
 
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -80,8 +82,9 @@ def rgb_or_gray(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(path: Path) -> Image.Image:
-    """Read and fully decode one file -> an upright "L" or "RGB" image, or raise UnreadableImage.
+def decode_image(path: Path | IO[bytes], where: str = "") -> Image.Image:
+    """Read and fully decode one file (or an open file of its bytes, named ``where`` in an
+    UnreadableImage) -> an upright "L" or "RGB" image, or raise UnreadableImage.
 
     Upright: the EXIF Orientation tag is applied (by ``rgb_or_gray``), as image viewers do.
     Phone cameras store the sensor's pixels and record the rotation in the tag, so without it
@@ -93,7 +96,9 @@ def decode_image(path: Path) -> Image.Image:
             return rgb_or_gray(image)
     except DECODE_ERRORS as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UnreadableImage(str(path), reason) from None
+        if not isinstance(path, Path):  # PIL names an open file by its repr: an address
+            reason = reason.replace(f" {path!r}", "")
+        raise UnreadableImage(where or str(path), reason) from None
 
 
 class ImageFiles(Dataset):
@@ -121,6 +126,40 @@ class ImageFiles(Dataset):
             return Image.new("L", (32, 32), 128), self.labels[index]
 
 
+class DatasetRows(Dataset):
+    """The image column of one split of a Hugging Face dataset, with labels (or UNLABELLED).
+
+    ``rows`` is a ``datasets.Dataset`` whose ``column`` holds the encoded images as
+    ``{"bytes", "path"}`` dicts (datasets' Image feature with decode=False): they are decoded
+    here, so that a row that does not decode is skipped and counted as a broken file is
+    (``read`` raises UnreadableImage) and is a mid-gray image to evaluation, as in ImageFiles.
+    """
+
+    def __init__(self, rows: Any, column: str, labels: np.ndarray, name: str) -> None:
+        self.rows = rows
+        self.column = column
+        self.labels = labels  # int64 [N]
+        self.name = name  # data.root[split], what the skipped rows are listed as
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, index: int) -> tuple[Image.Image, int]:
+        where = f"{self.name} row {index}"
+        encoded = self.rows[index][self.column] or {}
+        if encoded.get("bytes") is not None:
+            return decode_image(io.BytesIO(encoded["bytes"]), where), int(self.labels[index])
+        if encoded.get("path"):
+            return decode_image(Path(encoded["path"]), where), int(self.labels[index])
+        raise UnreadableImage(where, "no image bytes or path")
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        try:
+            return self.read(index)
+        except UnreadableImage:
+            return Image.new("L", (32, 32), 128), int(self.labels[index])
+
+
 class ArrayImages(Dataset):
     """uint8 images [N, H, W] (grayscale) with int labels [N]."""
 
@@ -135,8 +174,9 @@ class ArrayImages(Dataset):
         return Image.fromarray(self.images[index], mode="L"), int(self.labels[index])
 
 
-def probe_decodable(files: ImageFiles, where: str, tries: int = 32) -> None:
-    """Raise DataError unless one of up to ``tries`` files (a fixed random sample) decodes.
+def probe_decodable(files: ImageFiles | DatasetRows, where: str, tries: int = 32) -> None:
+    """Raise DataError unless one of up to ``tries`` files or rows (a fixed random sample)
+    decodes.
 
     Catches a folder or list in which nothing is an image before any work, at the cost of
     decoding one file when the data is healthy; a large folder is never scanned whole.
@@ -145,7 +185,7 @@ def probe_decodable(files: ImageFiles, where: str, tries: int = 32) -> None:
     failures: list[UnreadableImage] = []
     for index in order[:tries].tolist():
         try:
-            decode_image(files.paths[index])
+            files.read(index)
             return
         except UnreadableImage as error:
             failures.append(error)

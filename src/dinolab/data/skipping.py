@@ -19,7 +19,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from dinolab.data.images import DECODE_ERRORS, DataError, ImageFiles, UnreadableImage, rgb_or_gray
+from dinolab.data.images import (
+    DECODE_ERRORS,
+    DataError,
+    DatasetRows,
+    ImageFiles,
+    UnreadableImage,
+    rgb_or_gray,
+)
 from dinolab.distributed import is_main_process, sum_over_processes
 
 SKIPPED_FILES = "skipped_files.txt"
@@ -30,7 +37,7 @@ Skip = tuple[str, str]  # (path or item, reason)
 def read_one(images: Dataset, index: int) -> Image.Image:
     """Item ``index`` as an "L" or "RGB" image, or UnreadableImage. A user's Dataset may hand
     over a lazily opened file: decoding it here puts its errors in the same place."""
-    if isinstance(images, ImageFiles):
+    if isinstance(images, (ImageFiles, DatasetRows)):
         return images.read(index)[0]
     try:
         return rgb_or_gray(images[index][0])

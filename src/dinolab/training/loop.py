@@ -46,6 +46,7 @@ from dinolab.training.preemption import RunStopped, StopControl
 from dinolab.training.state import TrainingState, build_state, resolve_device
 from dinolab.training.step import StepValues, train_step
 from dinolab.training.teacher_monitor import look_at_teacher
+from dinolab.training.wandb_logging import require_wandb, start_wandb
 
 # Keys that may differ when a run folder is resumed: where it runs and how it reports.
 RESUMABLE_CHANGES = ("run.", "data.num_workers", "data.root", "data.download",
@@ -354,6 +355,7 @@ def train(config: Config, dataset: Dataset | None = None) -> TrainResult:
     here is destroyed before train returns or raises, and a caller's is left to the caller.
     """
     started = time.perf_counter()
+    require_wandb(config)
     created_group = init_distributed(resolve_device(config.train.device))
     every_process_ends_here = False
     try:
@@ -384,7 +386,7 @@ def _train(config: Config, dataset: Dataset | None, started: float) -> TrainResu
     data = build_training_data(config, sources.train, state.device)
     data.skips.resume(skip_totals)
     length = data.length
-    metrics = Metrics(run_dir, config.run.tensorboard)
+    metrics = Metrics(run_dir, config.run.tensorboard, start_wandb(config, run_dir))
     run = RunContext(run_dir, metrics, FiniteWatch(state.device),
                      StopControl(config.run.checkpoint_every_minutes, state.device),
                      _collapse_detector(state), data.skips)
@@ -403,11 +405,13 @@ def _train(config: Config, dataset: Dataset | None, started: float) -> TrainResu
             f"{world_size()} process(es){' (FSDP)' if state.sharded else ''}, "
             f"{state.device.type}")
 
+    failed = True
     try:
         with run.control:
             knn_end = _train_epochs(state, data, run, sources, eval_transform)
+        failed = False
     finally:
-        metrics.close()
+        metrics.close(failed)
         data.close()
     seconds = time.perf_counter() - started
     if knn_end is not None:

@@ -1,4 +1,4 @@
-"""What a run tells its user: console lines, a tqdm bar, metrics.jsonl and TensorBoard.
+"""What a run tells its user: console lines, a tqdm bar, metrics.jsonl, TensorBoard and W&B.
 
 Only the main process writes; every function here is a no-op elsewhere.
 """
@@ -23,11 +23,13 @@ def say(message: str) -> None:
 
 
 class Metrics:
-    """metrics.jsonl (one JSON object per logged step or epoch) and TensorBoard scalars."""
+    """metrics.jsonl (one JSON object per logged step or epoch), and the same numbers as
+    scalars in TensorBoard and in a W&B run (``wandb_run``: training/wandb_logging.py)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool, wandb_run: Any | None = None) -> None:
         self.enabled = is_main_process()
         self.path = run_dir / "metrics.jsonl"
+        self.wandb_run = wandb_run
         self.writer = None
         if self.enabled and tensorboard:
             try:
@@ -43,19 +45,33 @@ class Metrics:
         record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        scalars = {f"{kind}/{key}": value for key, value in values.items()
+                   if isinstance(value, (int, float)) and key != "epoch"}
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=step)
+
+    @property
+    def takes_images(self) -> bool:
+        return self.writer is not None or self.wandb_run is not None
 
     def log_images(self, tag: str, step: int, images: np.ndarray) -> None:
-        """uint8 pictures [N, H, W, 3] to TensorBoard only (metrics.jsonl holds numbers)."""
+        """uint8 pictures [N, H, W, 3] to TensorBoard and W&B (metrics.jsonl holds numbers)."""
         if self.writer is not None:
             self.writer.add_images(tag, images, step, dataformats="NHWC")
+        if self.wandb_run is not None:
+            import wandb
 
-    def close(self) -> None:
+            self.wandb_run.log({tag: [wandb.Image(image) for image in images]}, step=step)
+
+    def close(self, failed: bool = False) -> None:
+        """``failed``: the run ended with an error (W&B marks its run so)."""
         if self.writer is not None:
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=1 if failed else 0)
 
 
 def last_knn(metrics_path: Path) -> float | None:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from dinolab.config import Config, ConfigError
 from dinolab.data.batched_augment import BatchedMultiCrop
 from dinolab.data.device_decode import JpegDecoder
-from dinolab.data.images import ImageFiles
+from dinolab.data.images import DatasetRows, ImageFiles
 from dinolab.data.loader import (
     DecodedImages,
     EpochSampler,
@@ -180,7 +180,7 @@ def build_training_data(config: Config, images: Dataset, device: torch.device) -
     loader = training_loader(dataset, sampler, micro_batch, config.data.num_workers,
                              pin_memory=device.type == "cuda")
     length = RunLength(steps_per_epoch, config.train.epochs)
-    where = config.data.root if isinstance(images, ImageFiles) else "the training data set"
+    where = config.data.root if isinstance(images, (ImageFiles, DatasetRows)) else "the training data set"
     skips = SkipLog(Path(config.run.dir), where, config.data.max_bad_fraction,
                     sampler.samples_per_process, warn=say, collective=processes > 1)
     return TrainingData(loader, sampler, length, augment, config.train.seed, skips,

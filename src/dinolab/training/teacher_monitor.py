@@ -1,5 +1,5 @@
 """What the run learns about its teacher at each evaluation: the weighted k-NN top-1 on the run's
-labelled images (the paper's protocol: evaluation/knn.py) and the attention maps in TensorBoard.
+labelled images (the paper's protocol: evaluation/knn.py) and the attention maps (TensorBoard, W&B).
 The main process evaluates; the others wait at a barrier."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dinolab.visualization.monitor import log_attention_maps
 def look_at_teacher(state: TrainingState, sources: Sources, transform: EvalTransform,
                     metrics: Metrics) -> float | None:
     """The teacher's weighted k-NN top-1 (%), None when the data has no labels, and its
-    attention maps in TensorBoard. The main process does both; the others wait."""
+    attention maps (TensorBoard, W&B). The main process does both; the others wait."""
     backbone = evaluation_backbone(state)  # a collective when sharded
     result = None
     if backbone is not None:  # the main process

@@ -1,10 +1,11 @@
-"""Attention maps in TensorBoard while a run trains.
+"""Attention maps in TensorBoard and W&B while a run trains.
 
 At each k-NN evaluation the teacher's last-block attention on a few fixed images is logged, so
 the emergence of object masks (Caron et al., 2021, Fig. 1) can be watched epoch by epoch. The
 images are a fixed random few of the k-NN test split (the training images when the data has no
 labels), always the same ones. It costs one forward pass of a handful of images, on the main
-process only, and nothing when TensorBoard is off or the backbone has no [CLS] attention.
+process only, and nothing when TensorBoard and W&B are off or the backbone has no [CLS]
+attention.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ def monitor_images(sources: Sources, count: int = MONITOR_IMAGES) -> list:
 @torch.no_grad()
 def log_attention_maps(metrics: Metrics, backbone: nn.Module, sources: Sources,
                        transform: EvalTransform, step: int) -> None:
-    """TensorBoard image ``attention``: one row per image (input, mean map, mean overlay with
-    the 60% mask, each head's map); a no-op without a TensorBoard writer or [CLS] attention."""
-    if metrics.writer is None:
+    """Image ``attention`` in TensorBoard and W&B: one row per image (input, mean map, mean
+    overlay with the 60% mask, each head's map); a no-op when neither is on or without [CLS]
+    attention."""
+    if not metrics.takes_images:
         return
     try:
         check_attention_backbone(backbone)
