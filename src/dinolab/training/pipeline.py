@@ -180,7 +180,8 @@ def build_training_data(config: Config, images: Dataset, device: torch.device) -
     loader = training_loader(dataset, sampler, micro_batch, config.data.num_workers,
                              pin_memory=device.type == "cuda")
     length = RunLength(steps_per_epoch, config.train.epochs)
-    where = config.data.root if isinstance(images, (ImageFiles, DatasetRows)) else "the training data set"
+    named = isinstance(images, (ImageFiles, DatasetRows))
+    where = config.data.root if named else "the training data set"
     skips = SkipLog(Path(config.run.dir), where, config.data.max_bad_fraction,
                     sampler.samples_per_process, warn=say, collective=processes > 1)
     return TrainingData(loader, sampler, length, augment, config.train.seed, skips,
