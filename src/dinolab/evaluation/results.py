@@ -18,9 +18,7 @@ def record_result(path: str, weights: str, data_path: str | None, overrides: Seq
     folder = Path(path)
     if not folder.is_dir() or weights != "teacher" or data_path or overrides:
         return
-    file = folder / RESULTS
-    results = json.loads(file.read_text()) if file.is_file() else {}
-    file.write_text(json.dumps(results | values, indent=1) + "\n")
+    (folder / RESULTS).write_text(json.dumps(read_results(folder) | values, indent=1) + "\n")
 
 
 def read_results(folder: Path) -> dict[str, Any]:

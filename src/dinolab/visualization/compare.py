@@ -20,7 +20,6 @@ cut mid-write is skipped (``plots.read_metrics``).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from typing import Any
 import yaml
 
 from dinolab.config import ConfigError
-from dinolab.evaluation.results import RESULTS
+from dinolab.evaluation.results import read_results
 from dinolab.visualization.plots import read_metrics, series
 
 DEFAULT_OUTPUT = "compare.png"
@@ -83,9 +82,7 @@ def read_run(path: Path) -> Run:
         values = None
     if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
         raise ConfigError(f"{config_path}: not a dinolab configuration")
-    results = path / RESULTS
-    return Run(path, flatten(values), read_metrics(path),
-               json.loads(results.read_text()) if results.is_file() else {})
+    return Run(path, flatten(values), read_metrics(path), read_results(path))
 
 
 def differing_keys(runs: Sequence[Run]) -> list[str]:
