@@ -16,6 +16,7 @@ EXIT_CONFIG_ERROR = 2  # a mistake in the configuration, arguments or input file
 EXIT_NON_FINITE = 3  # NaN or inf in the loss or gradients: stopped, the last good checkpoint kept
 EXIT_STOPPED = 4  # SIGTERM or SIGINT: the current step saved; the same command resumes
 EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (disk full, I/O error); the last is kept
+EXIT_NO_GROUP = 6  # under torchrun: not every process came to create the process group in time
 EXIT_INTERRUPTED = 130  # a second SIGINT: stopped at once; resumes from the last checkpoint
 
 
@@ -164,11 +165,13 @@ def _train(arguments: argparse.Namespace) -> int:
     if arguments.show_config:
         print(to_yaml(config), end="")
         return 0
+    from dinolab.distributed.rendezvous import JoinTimeout
     from dinolab.training.loop import CheckpointWriteError, NonFiniteLoss, RunStopped, train
 
     statuses: dict[type[Exception], int] = {NonFiniteLoss: EXIT_NON_FINITE,
                                             RunStopped: EXIT_STOPPED,
-                                            CheckpointWriteError: EXIT_SAVE_FAILED}
+                                            CheckpointWriteError: EXIT_SAVE_FAILED,
+                                            JoinTimeout: EXIT_NO_GROUP}
     try:
         train(config)
     except tuple(statuses) as error:

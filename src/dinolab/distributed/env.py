@@ -1,8 +1,9 @@
 """torchrun environment: process group set-up, rank queries and the collectives DINO needs.
 
 Under ``torchrun`` the variables RANK, WORLD_SIZE and LOCAL_RANK are set and a process group is
-created (NCCL on CUDA, gloo on CPU); multi-node runs use torchrun's rendezvous and need nothing
-more here. In a plain ``python`` process every helper is a no-op.
+created (NCCL on CUDA, gloo on CPU); multi-node runs use torchrun's rendezvous, and a group that
+torchrun restarts meets under keys of its own (rendezvous.py). In a plain ``python`` process
+every helper is a no-op.
 """
 
 from __future__ import annotations
@@ -14,19 +15,30 @@ import sys
 import torch
 import torch.distributed as dist
 
+from dinolab.distributed.rendezvous import JOIN_TIMEOUT, generation_store
+
 
 def init_distributed(device: torch.device) -> bool:
     """Create torchrun's process group -> whether this call created it.
 
     A group that already exists (a caller's ``dist.init_process_group``) is used as it is and
-    stays its owner's to destroy; a plain ``python`` process has none to create.
+    stays its owner's to destroy; a plain ``python`` process has none to create. In the store
+    that torchrun's agent keeps through restarts, the group's keys go under a prefix of this
+    generation's own (rendezvous.py), so that a restarted group never reads a dead one's.
     """
     if "RANK" not in os.environ or dist.is_initialized():
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # rank 0 serves a new store
+        dist.init_process_group(backend=backend)
+        return True
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                is_master=False, timeout=JOIN_TIMEOUT)
+    store = generation_store(agent_store, rank, size, JOIN_TIMEOUT)  # waits for every rank
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=size)
     return True
 
 
