@@ -4,8 +4,10 @@ Clusters preempt jobs with a warning signal (Slurm sends SIGTERM, or the signal 
 before SIGKILL); a user stops a run with Ctrl-C (SIGINT). The handler only records the signal:
 the loop finishes the step in progress, saves a checkpoint of that step and raises
 ``RunStopped``, which the command turns into exit status 4 (``EXIT_STOPPED`` in cli.py) and one
-line on how to resume. A second signal gets the default behaviour back (Ctrl-C twice stops at
-once, from the last checkpoint).
+line on how to resume. A second SIGINT gets the default behaviour back (Ctrl-C twice stops at
+once, from the last checkpoint). A second SIGTERM changes nothing: on a Slurm cluster each
+process of a torchrun job gets Slurm's signal and torchrun's copy of it, milliseconds apart, and
+SIGKILL is the hard stop that follows a SIGTERM there anyway.
 
 The same object asks for a save when ``run.checkpoint_every_minutes`` of wall-clock time have
 passed since the last one, which bounds what a crash or a SIGKILL can lose.
@@ -66,8 +68,9 @@ class StopControl:
         self._previous.clear()
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
-        self.signal_name = signal.Signals(number).name
-        signal.signal(number, self._previous.get(number, signal.SIG_DFL))  # a second one: now
+        self.signal_name = self.signal_name or signal.Signals(number).name
+        if number == signal.SIGINT:  # a second Ctrl-C: now
+            signal.signal(number, self._previous.get(number, signal.SIG_DFL))
 
     def saved(self) -> None:
         self.last_save = time.monotonic()
