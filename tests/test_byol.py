@@ -162,6 +162,36 @@ def test_train_step_moves_the_student_and_the_teacher_by_ema(tmp_path: Path) -> 
     assert "output_std" in state.objective.monitor(loss.item(), {})
 
 
+def test_the_predictor_learning_rate_scale_multiplies_its_step_alone(tmp_path: Path) -> None:
+    """model.byol.predictor_lr_scale=10: from the same weights and views, one AdamW step moves
+    the predictor 10 times as far (AdamW's step and decay are both proportional to the
+    learning rate) and every other parameter exactly as with 1."""
+    values = StepValues(lr=1e-3, weight_decay=0.04, teacher_momentum=0.9, teacher_temp=0.04,
+                        freeze_last_layer=False)
+    moved = {}
+    for scale in (1, 10):
+        torch.manual_seed(0)
+        state = build_state(byol_config(tmp_path, "model.drop_path_rate=0.0",
+                                        f"model.byol.predictor_lr_scale={scale}"))
+        before = {name: value.clone() for name, value in state.student_module.named_parameters()}
+        train_step(state, [make_views(torch.Generator().manual_seed(1))], values)
+        moved[scale] = {name: value - before[name]
+                        for name, value in state.student_module.named_parameters()}
+        scaled = [group for group in state.optimizer.param_groups if "lr_scale" in group]
+        assert len(scaled) == (0 if scale == 1 else 2)  # the predictor's decay, no decay
+    for name, step in moved[1].items():
+        if name.startswith("predictor."):
+            torch.testing.assert_close(moved[10][name], 10 * step, rtol=1e-4, atol=1e-9)
+            assert step.abs().max() > 0, name
+        else:
+            assert torch.equal(moved[10][name], step), name
+
+
+def test_a_predictor_learning_rate_scale_of_zero_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="model.byol.predictor_lr_scale"):
+        byol_config(tmp_path, "model.byol.predictor_lr_scale=0")
+
+
 def test_forward_without_local_views(tmp_path: Path) -> None:
     objective = BYOL(byol_config(tmp_path, "data.num_local_crops=0"))
     torch.manual_seed(0)

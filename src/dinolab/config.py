@@ -95,6 +95,9 @@ class HeadConfig:
 class ByolHeadConfig:
     hidden_dim: int = 4096
     out_dim: int = 256
+    # The predictor's learning rate, as a multiple of the schedule's (the paper's 1; a faster
+    # predictor, as SimSiam's and DirectPred's, helps short runs: docs/LOG.md, 2026-12-07)
+    predictor_lr_scale: float = 1.0
 
 
 @dataclass
@@ -432,6 +435,8 @@ def validate(config: Config) -> None:
     _require(config.model.num_registers >= 0, "model.num_registers", "must be >= 0")
     for key in ("hidden_dim", "out_dim"):
         _require(getattr(config.model.byol, key) > 0, f"model.byol.{key}", "must be > 0")
+    _require(config.model.byol.predictor_lr_scale > 0, "model.byol.predictor_lr_scale",
+             "must be > 0")
     _require(0 <= config.model.drop_path_rate < 1, "model.drop_path_rate", "must be in [0, 1)")
     _require(
         config.model.patch_size is None or config.model.patch_size > 0,

@@ -103,6 +103,11 @@ class Objective(ABC):
         """Raise ConfigError for what this objective cannot train, before anything is written.
         ``micro_batch``: the images of one micro-batch on one process."""
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter-name prefix of the student network (their
+        parameters get optimizer groups of their own): {} by default."""
+        return {}
+
     @abstractmethod
     def forward(self, student: nn.Module, teacher: nn.Module, views: list[torch.Tensor],
                 batch: BatchPosition, values: StepValues) -> StepOutput:

@@ -139,6 +139,9 @@ class BYOL(Objective):
                               f"micro-batch and process, and there is {micro_batch} "
                               "(train.batch_size / processes / train.accumulation_steps)")
 
+    def lr_scales(self) -> dict[str, float]:
+        return {"predictor.": self.config.model.byol.predictor_lr_scale}
+
     def forward(self, student: nn.Module, teacher: nn.Module, views: list[torch.Tensor],
                 batch: BatchPosition, values: StepValues) -> StepOutput:
         with torch.no_grad():

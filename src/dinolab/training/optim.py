@@ -13,40 +13,51 @@ from torch import nn
 from dinolab.distributed.fsdp import combine_shard_norms, local_tensor
 
 
-def parameter_groups(model: nn.Module, last_layer_apart: bool = False) -> list[dict]:
+def parameter_groups(model: nn.Module, last_layer_apart: bool = False,
+                     lr_scales: dict[str, float] | None = None) -> list[dict]:
     """[decay, no decay]; ``last_layer_apart`` (optim.freeze_last_layer_by=lr) adds the
     prototype layers' parameters as groups of their own, whose learning rate the freeze sets
-    to 0 (DINOv2's way; DINO drops their gradients instead)."""
+    to 0 (DINOv2's way; DINO drops their gradients instead). ``lr_scales`` (an objective's
+    ``lr_scales()``: parameter-name prefix -> multiplier) puts the parameters under a prefix in
+    groups of their own, after the others, whose learning rate is the schedule's times the
+    multiplier (BYOL's predictor)."""
     skip: set[str] = set()
     backbone = getattr(model, "backbone", None)
     if backbone is not None and hasattr(backbone, "no_weight_decay"):
         skip = {f"backbone.{name}" for name in backbone.no_weight_decay()}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    scales = {prefix: scale for prefix, scale in (lr_scales or {}).items() if scale != 1.0}
+    groups: dict[tuple[bool, bool, float], list[nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         decays = not (parameter.ndim <= 1 or name.endswith(".bias") or name in skip)
         last_layer = last_layer_apart and "last_layer" in name
-        groups.setdefault((decays, last_layer), []).append(parameter)
-    return [{"params": groups.get((decays, last_layer), []), "apply_weight_decay": decays,
-             "last_layer": last_layer, **({} if decays else {"weight_decay": 0.0})}
-            for last_layer in (False, True) for decays in (True, False)
-            if not last_layer or (decays, last_layer) in groups]
+        scale = next((scales[prefix] for prefix in scales if name.startswith(prefix)), 1.0)
+        groups.setdefault((decays, last_layer, scale), []).append(parameter)
+    keys = [(decays, last_layer, 1.0) for last_layer in (False, True) for decays in (True, False)
+            if not last_layer or (decays, last_layer, 1.0) in groups]
+    keys += sorted(key for key in groups if key[2] != 1.0)
+    return [{"params": groups.get(key, []), "apply_weight_decay": key[0], "last_layer": key[1],
+             **({} if key[2] == 1.0 else {"lr_scale": key[2]}),
+             **({} if key[0] else {"weight_decay": 0.0})} for key in keys]
 
 
 def build_optimizer(model: nn.Module, betas: tuple[float, float], device: torch.device,
-                    last_layer_apart: bool = False) -> torch.optim.AdamW:
+                    last_layer_apart: bool = False,
+                    lr_scales: dict[str, float] | None = None) -> torch.optim.AdamW:
     """Fused AdamW on CUDA, the foreach implementation elsewhere (both avoid a per-tensor loop)."""
     fused = device.type == "cuda"
-    return torch.optim.AdamW(parameter_groups(model, last_layer_apart), lr=0.0, betas=betas,
-                             fused=fused, foreach=None if fused else True)
+    return torch.optim.AdamW(parameter_groups(model, last_layer_apart, lr_scales), lr=0.0,
+                             betas=betas, fused=fused, foreach=None if fused else True)
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float,
                         freeze_last_layer: bool = False) -> None:
-    """``freeze_last_layer`` sets the prototype layers' groups (if apart) to a learning rate 0."""
+    """``freeze_last_layer`` sets the prototype layers' groups (if apart) to a learning rate 0;
+    a group with an ``lr_scale`` gets ``lr`` times it."""
     for group in optimizer.param_groups:
-        group["lr"] = 0.0 if freeze_last_layer and group.get("last_layer") else lr
+        frozen = freeze_last_layer and group.get("last_layer")
+        group["lr"] = 0.0 if frozen else lr * group.get("lr_scale", 1.0)
         if group["apply_weight_decay"]:
             group["weight_decay"] = weight_decay
 

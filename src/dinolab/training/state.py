@@ -251,7 +251,7 @@ def build_state(config: Config) -> TrainingState:
         fsdp.shard(student, trains=True)
         fsdp.shard(teacher, trains=False)
     optimizer = build_optimizer(student, tuple(config.optim.betas), device,  # type: ignore[arg-type]
-                                config.optim.freeze_last_layer_by == "lr")
+                                config.optim.freeze_last_layer_by == "lr", objective.lr_scales())
     objective.loss.to(device)
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
     return TrainingState(config, device, autocast_dtype, wrapped, teacher, objective, optimizer,
