@@ -147,15 +147,16 @@ def generation(port: int, restart: int, late_rank: int | None, out_dir: Path) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("late_rank", [0, 1])
-def test_a_restarted_group_with_a_late_rank_connects(tmp_path: Path, late_rank: int) -> None:
-    """The agent's store keeps the first generation's gloo keys (each rank's address) when the
-    second starts; its early rank used to read its late peer's old address and connect to a
-    closed port, or wait with its peer for a connection that never came."""
+def test_restarted_groups_with_a_late_rank_connect(tmp_path: Path) -> None:
+    """The agent's store keeps each generation's gloo keys (each rank's address) when the next
+    starts; the early rank of a restart used to read its late peer's old address and connect to
+    a closed port, or wait with its peer for a connection that never came: before
+    distributed/rendezvous.py, 6 runs of 6 of this test failed (5 hung, 1 connection refused)."""
     server = agent_store()
     generation(server.port, 0, None, tmp_path)
     assert server.num_keys() > 0  # what the first generation left
-    generation(server.port, 1, late_rank, tmp_path)
+    generation(server.port, 1, 1, tmp_path)
+    generation(server.port, 2, 0, tmp_path)
 
 
 if __name__ == "__main__":
