@@ -195,6 +195,9 @@ def test_a_second_sigterm_changes_nothing_and_a_second_ctrl_c_stops_at_once() ->
 
     outer: list[int] = []  # what reaches the handler StopControl replaced
     previous = signal.signal(signal.SIGTERM, lambda number, frame: outer.append(number))
+    # Python's own SIGINT handler, whatever an earlier test in this process left there (the
+    # second Ctrl-C goes back to it)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with StopControl(0, torch.device("cpu")) as control:
             for _ in range(2):
@@ -209,3 +212,4 @@ def test_a_second_sigterm_changes_nothing_and_a_second_ctrl_c_stops_at_once() ->
             assert control.signal_name == "SIGTERM"  # the first signal names the stop
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
