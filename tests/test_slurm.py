@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_fashion_mnist, tiny_overrides
+from test_crash_safety import assert_same_networks
 from test_ddp import free_port
 
 from dinolab.training.checkpoint import LATEST, step_files
@@ -132,14 +133,6 @@ def wait_for(job: subprocess.Popen[bytes], ready: Any) -> None:
 
 def final_state(job_dir: Path) -> dict[str, Any]:
     return torch.load(job_dir / "run" / LATEST, map_location="cpu", weights_only=True)
-
-
-def assert_same_networks(actual: dict[str, Any], expected: dict[str, Any]) -> None:
-    assert (actual["epoch"], actual["step"]) == (expected["epoch"], expected["step"])
-    for part in ("student", "teacher", "loss"):  # "loss" holds the center
-        different = [key for key in expected[part]
-                     if not torch.equal(actual[part][key], expected[part][key])]
-        assert not different, f"{part} differs: {different[:3]}"
 
 
 @pytest.fixture(scope="module")
