@@ -96,7 +96,7 @@ class ByolHeadConfig:
     hidden_dim: int = 4096
     out_dim: int = 256
     # The predictor's learning rate, as a multiple of the schedule's (the paper's 1; a faster
-    # predictor, as SimSiam's and DirectPred's, helps short runs: docs/LOG.md, 2026-12-07)
+    # predictor, as SimSiam's and DirectPred's, helped short [CLS] runs: docs/LOG.md, 2026-12-07)
     predictor_lr_scale: float = 1.0
 
 
