@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import struct
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +62,18 @@ def tiny_overrides(data_root: Path, run_dir: Path) -> list[str]:
         "run.progress_bar=false", "run.tensorboard=false", "run.log_every_steps=2",
         f"run.dir={run_dir}",
     ]
+
+
+def wait_all(processes: list[subprocess.Popen], timeout: float) -> list[int]:
+    """Each process's exit status, waiting up to ``timeout`` seconds for each; a process still
+    running after that (a hang), or when the wait raises, is killed."""
+    try:
+        return [process.wait(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_fashion_mnist, tiny_overrides
+from conftest import make_fashion_mnist, tiny_overrides, wait_all
 from equivalence import assert_networks_close
 
 from dinolab.config import Config, load_config
@@ -242,12 +242,8 @@ def launch(mode: str, out_dir: Path, data_root: Path | None = None,
         processes.append(subprocess.Popen(arguments, env=env, stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
     try:
-        codes = [process.wait(timeout=TIMEOUT_S) for process in processes]
+        codes = wait_all(processes, TIMEOUT_S)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
         for log in logs:
             log.close()
     for rank, code in enumerate(codes):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import tiny_overrides
+from conftest import tiny_overrides, wait_all
 
 from dinolab.distributed.rendezvous import JoinTimeout, generation_token
 
@@ -134,13 +134,7 @@ def generation(port: int, restart: int, late_rank: int | None, out_dir: Path) ->
         processes.append(subprocess.Popen([sys.executable, __file__], env=env, stdout=log,
                                           stderr=subprocess.STDOUT))
         log.close()
-    try:
-        codes = [process.wait(timeout=TIMEOUT_S) for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    codes = wait_all(processes, TIMEOUT_S)
     for rank, code in enumerate(codes):
         text = (out_dir / f"restart{restart}_rank{rank}.log").read_text()
         assert code == 0, f"restart {restart}, rank {rank}: exit {code}\n{text[-2000:]}"
