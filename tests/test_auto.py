@@ -24,8 +24,8 @@ def values(num_images: int, batch: int | str = auto.AUTO, epochs: int | str = au
 
 
 @pytest.mark.parametrize(("num_images", "batch", "epochs", "row"), [
-    (500, 32, 40, 0), (2_000, 32, 10, 0), (10_000, 32, 2, 0), (25_600, 64, 2, 0),
-    (60_000, 128, 2, 0), (100_000, 128, 1, 0), (999_999, 1024, 1, 0), (1_000_000, 1024, 100, 1),
+    (500, 32, 40, 0), (2_000, 32, 10, 0), (10_000, 32, 3, 0), (25_600, 64, 3, 0),
+    (60_000, 128, 3, 0), (100_000, 128, 2, 0), (999_999, 1024, 1, 0), (1_000_000, 1024, 100, 1),
     (IMAGENET, 1024, 100, 1),
 ])
 def test_rows_by_number_of_images(num_images: int, batch: int, epochs: int, row: int) -> None:
@@ -52,15 +52,36 @@ def test_an_auto_batch_splits_over_processes_and_accumulation_steps(
 
 
 def test_demo_size_resolves_to_the_demo_recipe() -> None:
-    """Fashion-MNIST's 60,000 images at batch 128: the values the demo preset used to state."""
+    """Fashion-MNIST's 60,000 images at batch 128, with the demo's 2 global crops alone: 5
+    epochs, about the compute of 3 with 6 local crops."""
     config, chosen = auto.resolve(load_config(None), 60_000)
     assert set(chosen) == set(auto.AUTO_KEYS)
-    assert (config.train.batch_size, config.train.epochs) == (128, 2)
+    assert auto.views_per_image(config.data) == 2
+    assert (config.train.batch_size, config.train.epochs) == (128, 5)
     assert config.model.head.out_dim == 1024
     assert (config.loss.teacher_temp, config.loss.warmup_teacher_temp) == (0.02, 0.02)
-    assert config.optim.teacher_momentum == 0.99
-    assert config.optim.warmup_epochs == 0.15  # 70 of its 936 steps
+    assert config.optim.teacher_momentum == pytest.approx(1 - 10 / 2340)  # 5 epochs of 468
+    assert config.optim.warmup_epochs == pytest.approx(0.375)  # 175 of its 2,340 steps
     assert config.optim.freeze_last_layer_epochs == 0
+
+
+@pytest.mark.parametrize(("local_crops", "views"), [(0, 2.0), (6, 3.5), (8, 4.0)])
+def test_views_cost_their_area(local_crops: int, views: float) -> None:
+    config = load_config(None, [f"data.num_local_crops={local_crops}", "data.global_crop_size=28",
+                                "data.local_crop_size=14"])
+    assert auto.views_per_image(config.data) == views
+
+
+@pytest.mark.parametrize(("num_images", "views", "epochs"), [
+    (2_000, 3.5, 10), (2_000, 2.0, 18), (2_000, 7.0, 5), (10_000, 2.0, 5), (60_000, 3.5, 3),
+    (60_000, 2.0, 5), (60_000, 10.0, 1), (IMAGENET, 2.0, 100),
+])
+def test_cheaper_views_buy_more_epochs(num_images: int, views: float, epochs: int) -> None:
+    """The images-seen rule holds the compute of REFERENCE_VIEWS views an image; the reference
+    row keeps the paper's 100 epochs whatever the crops."""
+    assert auto.auto_epochs(num_images, views) == epochs
+    resolved = auto.auto_values(num_images, views=views)
+    assert resolved["train.epochs"] == epochs
 
 
 def test_reference_size_resolves_to_the_paper() -> None:
@@ -115,6 +136,7 @@ def test_a_resumed_run_keeps_its_values_when_the_data_grows(
 ) -> None:
     # Runs see 192 images: 2 epochs of 96 images, 1 epoch of 160; K = 64 for speed.
     monkeypatch.setattr(auto, "IMAGES_SEEN", (192, 192))
+    monkeypatch.setattr(auto, "REFERENCE_VIEWS", 2.5)  # the tiny runs' 2 global + 2 local crops
     monkeypatch.setattr(auto, "ROWS", (dataclasses.replace(auto.ROWS[0], out_dim=64),
                                        *auto.ROWS[1:]))
     data = make_fashion_mnist(tmp_path / "fashion", num_train=96)

@@ -13,23 +13,30 @@ changed size. A value set in a preset, a YAML file or on the command line always
 The table (each row a recipe measured in docs/LOG.md; README's "Dataset-size-aware defaults"
 shows it with the evidence):
 
-| training images | batch                        | epochs: images seen   | K      | teacher temp |
-| --------------- | ---------------------------- | --------------------- | ------ | ------------ |
-| < 1,000,000     | 2^k near N / 400, [32, 1024] | 2N, within [20k, 120k] | 1,024  | 0.02         |
-| >= 1,000,000    | 1,024                        | 100 epochs            | 65,536 | 0.04         |
+| training images | batch                        | epochs: images seen x c | K      | teacher temp |
+| --------------- | ---------------------------- | ----------------------- | ------ | ------------ |
+| < 1,000,000     | 2^k near N / 400, [32, 1024] | 3N, within [20k, 180k]  | 1,024  | 0.02         |
+| >= 1,000,000    | 1,024                        | 100 epochs              | 65,536 | 0.04         |
+
+The images seen are counted at a fixed compute: c = 3.5 / v, where v is what an image's views
+cost in global crops (2 global crops, and each local crop by its area against theirs) and 3.5
+that of the recipe the row was measured with (6 local crops of a quarter of the area). The
+default, 2 global crops alone, sees 1.75x the images: the demo 5 epochs, a folder of 2,000
+images 18.
 
 | training images | lr warm-up                 | prototype freeze          |
 | --------------- | -------------------------- | ------------------------- |
 | < 1,000,000     | 7.5% of the run            | none                      |
 | >= 1,000,000    | 10% of the run, <= 10 ep.  | 1% of the run, <= 1 epoch |
 
-The first row is the demo's recipe (Fashion-MNIST's 60,000 images: batch 128, 2 epochs), which
-smaller sets keep with a smaller batch and more epochs: a folder of 2,000 images gets batch 32
-and 10 epochs (620 steps), where batch 128 and 2 epochs gave 30 steps and ended below the
-network's initialisation. The second row is the reference (ImageNet-1k). For every size the
-teacher momentum starts at 1 - 10 / steps, within [0.99, 0.996] (the EMA's horizon of
-1 / (1 - m) steps a tenth of a short run; the reference's 0.996 from 2,500 steps on), and the
-teacher temperature does not warm up (as the reference's default).
+The first row is the demo's recipe (Fashion-MNIST's 60,000 images: batch 128, 5 epochs without
+local crops), which smaller sets keep with a smaller batch and more epochs: a folder of 2,000
+images gets batch 32 and 18 epochs (1,116 steps), where batch 128 and 2 epochs with 6 local
+crops gave 30 steps and ended below the network's initialisation. The second row is the
+reference (ImageNet-1k). For every size the teacher momentum starts at 1 - 10 / steps, within
+[0.99, 0.996] (the EMA's horizon of 1 / (1 - m) steps a tenth of a short run; the reference's
+0.996 from 2,500 steps on), and the teacher temperature does not warm up (as the reference's
+default).
 """
 
 from __future__ import annotations
@@ -65,7 +72,10 @@ ROWS = (
 REFERENCE_BATCH, REFERENCE_EPOCHS = 1024, 100
 IMAGES_PER_STEP = 400  # the batch is about N / 400 (the demo's 468 steps an epoch) ...
 BATCH_RANGE = (32, 1024)  # ... a power of 2 in this range
-IMAGES_SEEN = (20_000, 120_000)  # epochs that see about 2N images, within this range
+IMAGES_SEEN = (20_000, 180_000)  # epochs that see about 3N images, within this range
+# ... with views that cost as many global views as the recipe that range was measured with: 2
+# global crops and 6 local crops of a quarter of their area (docs/LOG.md, 2026-11-27)
+REFERENCE_VIEWS = 3.5
 MAX_WARMUP_EPOCHS = 10.0
 MAX_FREEZE_EPOCHS = 1.0
 MOMENTUM_RANGE = (0.99, 0.996)
@@ -95,25 +105,35 @@ def auto_batch(num_images: int, processes: int = 1, accumulation_steps: int = 1)
     return math.ceil(batch / split) * split
 
 
-def auto_epochs(num_images: int) -> int:
+def views_per_image(data: Any) -> float:
+    """What one training image costs, in global views: its 2 global crops, and each local crop
+    by its area against a global crop's (a ViT's tokens, a CNN's pixels)."""
+    return 2 + data.num_local_crops * (data.local_crop_size / data.global_crop_size) ** 2
+
+
+def auto_epochs(num_images: int, views: float = REFERENCE_VIEWS) -> int:
+    """Epochs that see about 3N images (within IMAGES_SEEN) at the cost of REFERENCE_VIEWS
+    views an image: cheaper views buy more epochs in the same compute."""
     if row_for(num_images).reference:
         return REFERENCE_EPOCHS
     low, high = IMAGES_SEEN
-    return max(1, round(min(high, max(low, 2 * num_images)) / num_images))
+    seen = min(high, max(low, 3 * num_images)) * REFERENCE_VIEWS / views
+    return max(1, math.floor(seen / num_images + 0.5))  # halves round up
 
 
 def auto_values(num_images: int, batch_size: int | str = AUTO, epochs: int | str = AUTO,
                 limit_steps_per_epoch: int = 0, processes: int = 1,
-                accumulation_steps: int = 1) -> dict[str, Any]:
+                accumulation_steps: int = 1, views: float = REFERENCE_VIEWS) -> dict[str, Any]:
     """The value of every key in AUTO_KEYS for a data set of ``num_images`` images.
 
     ``batch_size`` and ``epochs`` are the user's (ints) or auto; the run's length in steps,
-    which the momentum and the warm-ups follow, comes from them.
+    which the momentum and the warm-ups follow, comes from them. ``views``: what an image
+    costs (``views_per_image``), which auto epochs follow.
     """
     row = row_for(num_images)
     batch = (auto_batch(num_images, processes, accumulation_steps) if batch_size == AUTO
              else batch_size)
-    epochs = auto_epochs(num_images) if epochs == AUTO else epochs
+    epochs = auto_epochs(num_images, views) if epochs == AUTO else epochs
     assert isinstance(batch, int) and isinstance(epochs, int)
     per_epoch = max(steps_per_epoch(num_images, batch, limit_steps_per_epoch), 1)
     total_steps = per_epoch * epochs
@@ -164,7 +184,7 @@ def resolve(config: Any, num_images: int, kept: dict[str, Any] | None = None,
     train = config.train
     values = auto_values(num_images, kept.get("train.batch_size", train.batch_size),
                          kept.get("train.epochs", train.epochs), train.limit_steps_per_epoch,
-                         processes, train.accumulation_steps)
+                         processes, train.accumulation_steps, views_per_image(config.data))
     chosen = {key: kept.get(key, values[key]) for key in keys}
     for key, value in chosen.items():
         set_value(resolved, key, value)
