@@ -6,7 +6,7 @@ length) and prints one table: the weighted k-NN top-1 (k = 20, T = 0.07) on the 
 training and its minutes, beside two baselines evaluated the same way: the raw pixels
 (mean-centred, L2-normalised) and the network at initialisation.
 
-    python benchmarks/quality.py                        # dino, dinov2, byol; 2 epochs each
+    python benchmarks/quality.py                        # dino, dinov2, byol; the demo's length
     python benchmarks/quality.py --methods dino,dinov2 --minutes 10 -- optim.lr=1e-3
 
 ``--minutes M`` gives each objective the same wall-clock budget instead of the same length: a
@@ -81,7 +81,7 @@ def initial_knn(overrides: list[str]) -> float:
 
 def fitted_length(method: str, minutes: float, run_dir: Path, overrides: list[str]) -> list[str]:
     """Overrides that make ``method``'s run last about ``minutes``: a 20-step probe measures its
-    images/s, and the run gets that many steps (one epoch per 1/2 of them, like the demo's 2)."""
+    images/s, and the run gets that many steps, in 2 epochs (a monitored k-NN half-way)."""
     probe = run_dir.with_name(run_dir.name + "-probe")
     train(method, probe, overrides + ["train.epochs=1", "train.limit_steps_per_epoch=20",
                                       "run.log_every_steps=5", "eval.knn_train_limit=100",
