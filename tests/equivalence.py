@@ -1,8 +1,10 @@
-"""Comparing two trainings' weights: shared by the accumulation and the DDP tests."""
+"""Comparing two trainings' weights: shared by the accumulation, DDP, crash-safety and Slurm
+tests."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -45,3 +47,13 @@ def assert_networks_close(actual: dict[str, torch.Tensor], expected: dict[str, t
     assert expected_key_bias, "the backbone has no qkv bias: update split_key_bias"
     assert_tensors_close(actual_rest, expected_rest, what, tolerance)
     assert_tensors_close(actual_key_bias, expected_key_bias, what, key_bias_tolerance)
+
+
+def assert_same_networks(actual: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Two checkpoints at the same epoch and step with bit-identical student, teacher and
+    center."""
+    assert (actual["epoch"], actual["step"]) == (expected["epoch"], expected["step"])
+    for part in ("student", "teacher", "loss"):  # "loss" holds the center
+        different = [key for key in expected[part]
+                     if not torch.equal(actual[part][key], expected[part][key])]
+        assert not different, f"{part} differs: {different[:3]}"

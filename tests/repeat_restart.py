@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import make_fashion_mnist, tiny_overrides  # noqa: E402
-from test_slurm import _descendants, _kill_tree, assert_same_networks  # noqa: E402
+from equivalence import assert_same_networks  # noqa: E402
+from test_slurm import _descendants, _kill_tree  # noqa: E402
 
 from dinolab.training.checkpoint import LATEST, step_files  # noqa: E402
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dinolab.config import ConfigError, load_config
@@ -31,3 +33,19 @@ def test_valid_objective_keys_load() -> None:
             config.model.num_registers) == ("dinov2", "sinkhorn", 0.0, 4)
     # 0 is allowed anywhere
     assert load_config(None, ["method=dino", "loss.koleo_weight=0"]).method == "dino"
+
+
+def test_a_preset_s_dinov2_weights_do_not_follow_another_method(tmp_path: Path) -> None:
+    """A preset's KoLeo and iBOT weights are DINOv2's: ``method=dino`` on top of it trains DINO
+    (the weights back to blank) instead of stopping; in one layer with DINO they are an error."""
+    preset = load_config("dinov2")
+    assert (preset.loss.koleo_weight, preset.loss.ibot_weight) == (0.1, 1.0)
+    for method in ("dino", "byol"):
+        config = load_config("dinov2", [f"method={method}"])
+        assert (config.method, config.loss.koleo_weight, config.loss.ibot_weight) == (
+            method, None, None)
+    assert load_config("dinov2", ["method=dinov2"]).loss.koleo_weight == 0.1  # the same method
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text("method: dino\nloss:\n  koleo_weight: 0.3\n")
+    with pytest.raises(ConfigError, match="invalid value for loss.koleo_weight"):
+        load_config(str(mixed))

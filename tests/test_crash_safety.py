@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import global_torch_state_kept, make_fashion_mnist, tiny_overrides
+from equivalence import assert_same_networks
 
 from dinolab.cli import EXIT_NON_FINITE, EXIT_SAVE_FAILED, EXIT_STOPPED, main
 from dinolab.training.checkpoint import LATEST, step_files
@@ -73,14 +74,6 @@ def kill_at_step(process: subprocess.Popen[str], run_dir: Path, step: int,
 
 def final_state(run_dir: Path) -> dict[str, Any]:
     return torch.load(run_dir / LATEST, map_location="cpu", weights_only=True)
-
-
-def assert_same_networks(actual: dict[str, Any], expected: dict[str, Any]) -> None:
-    assert (actual["epoch"], actual["step"]) == (expected["epoch"], expected["step"])
-    for part in ("student", "teacher", "loss"):  # "loss" holds the center
-        different = [key for key in expected[part]
-                     if not torch.equal(actual[part][key], expected[part][key])]
-        assert not different, f"{part} differs: {different[:3]}"
 
 
 @pytest.fixture(scope="module")

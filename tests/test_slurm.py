@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_fashion_mnist, tiny_overrides
-from test_crash_safety import assert_same_networks
+from equivalence import assert_same_networks
 from test_ddp import free_port
 
 from dinolab.training.checkpoint import LATEST, step_files

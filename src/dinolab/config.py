@@ -235,6 +235,7 @@ DECODES = ("workers", "device")
 ATTENTIONS = ("auto", "fused", "eager")
 METHODS = ("dino", "dinov2", "byol")
 CENTERINGS = ("mean", "sinkhorn")
+DINOV2_WEIGHTS = ("koleo_weight", "ibot_weight")  # loss.*: DINOv2's terms, method=dinov2 only
 
 
 def preset_names() -> list[str]:
@@ -273,7 +274,8 @@ def load_config(preset_or_yaml: str | None = None, overrides: list[str] | None =
     merged = OmegaConf.structured(Config)
     try:
         for layer in (_read_base(preset_or_yaml), OmegaConf.from_dotlist(overrides)):
-            merged = OmegaConf.merge(_reset_backbone_kwargs(merged, layer), layer)
+            merged = _reset_method_weights(_reset_backbone_kwargs(merged, layer), layer)
+            merged = OmegaConf.merge(merged, layer)
         config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as error:
         raise ConfigError(_describe(error)) from None
@@ -290,6 +292,19 @@ def _reset_backbone_kwargs(merged: DictConfig, layer: DictConfig) -> DictConfig:
     if new_backbone or "backbone_kwargs" in model:
         merged = merged.copy()
         OmegaConf.update(merged, "model.backbone_kwargs", {}, merge=False)
+    return merged
+
+
+def _reset_method_weights(merged: DictConfig, layer: DictConfig) -> DictConfig:
+    """DINOv2's term weights belong to method=dinov2: a layer that names another method drops
+    those set before it (a preset's KoLeo weight does not follow ``method=dino``), back to
+    blank, the method's default. Set in the same layer as a method without them, they are
+    still an error."""
+    if "method" not in layer or layer["method"] == merged.method:
+        return merged
+    merged = merged.copy()
+    for key in DINOV2_WEIGHTS:
+        OmegaConf.update(merged, f"loss.{key}", None, merge=False)
     return merged
 
 
@@ -452,7 +467,7 @@ def validate(config: Config) -> None:
     _require(0 <= loss.center_momentum < 1, "loss.center_momentum", "must be in [0, 1)")
     _require(config.method in METHODS, "method", f"must be one of {METHODS}")
     _require(loss.centering in CENTERINGS, "loss.centering", f"must be one of {CENTERINGS}")
-    for key in ("koleo_weight", "ibot_weight"):
+    for key in DINOV2_WEIGHTS:
         weight = getattr(loss, key)
         _require(weight is None or weight >= 0, f"loss.{key}", "must be >= 0")
         _require(not weight or config.method == "dinov2", f"loss.{key}",
