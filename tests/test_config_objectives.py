@@ -35,16 +35,23 @@ def test_valid_objective_keys_load() -> None:
     assert load_config(None, ["method=dino", "loss.koleo_weight=0"]).method == "dino"
 
 
-def test_a_preset_s_dinov2_weights_do_not_follow_another_method(tmp_path: Path) -> None:
-    """A preset's KoLeo and iBOT weights are DINOv2's: ``method=dino`` on top of it trains DINO
-    (the weights back to blank) instead of stopping; in one layer with DINO they are an error."""
-    preset = load_config("dinov2")
-    assert (preset.loss.koleo_weight, preset.loss.ibot_weight) == (0.1, 1.0)
+def test_a_preset_s_dinov2_loss_keys_do_not_follow_another_method(tmp_path: Path) -> None:
+    """A preset's KoLeo and iBOT weights and Sinkhorn-Knopp centering are DINOv2's:
+    ``method=dino`` on top of it trains the paper's DINO (the keys back to the schema's
+    defaults) and ``method=byol`` BYOL, instead of stopping; in one layer with DINO the weights
+    are an error."""
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("method: dinov2\nloss:\n  koleo_weight: 0.3\n  ibot_weight: 0.5\n"
+                      "  centering: sinkhorn\n")
+    config = load_config(str(preset))
+    assert (config.loss.koleo_weight, config.loss.ibot_weight, config.loss.centering) == (
+        0.3, 0.5, "sinkhorn")
+    assert load_config(str(preset), ["method=dinov2"]).loss == config.loss  # the same method
     for method in ("dino", "byol"):
-        config = load_config("dinov2", [f"method={method}"])
-        assert (config.method, config.loss.koleo_weight, config.loss.ibot_weight) == (
-            method, None, None)
-    assert load_config("dinov2", ["method=dinov2"]).loss.koleo_weight == 0.1  # the same method
+        other = load_config(str(preset), [f"method={method}"])
+        assert (other.method, other.loss.koleo_weight, other.loss.ibot_weight,
+                other.loss.centering) == (method, None, None, "mean")
+    assert load_config("dinov2", ["method=dino"]).loss.koleo_weight is None  # the dinov2 preset
     mixed = tmp_path / "mixed.yaml"
     mixed.write_text("method: dino\nloss:\n  koleo_weight: 0.3\n")
     with pytest.raises(ConfigError, match="invalid value for loss.koleo_weight"):

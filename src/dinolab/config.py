@@ -236,6 +236,7 @@ ATTENTIONS = ("auto", "fused", "eager")
 METHODS = ("dino", "dinov2", "byol")
 CENTERINGS = ("mean", "sinkhorn")
 DINOV2_WEIGHTS = ("koleo_weight", "ibot_weight")  # loss.*: DINOv2's terms, method=dinov2 only
+DINOV2_LOSS_KEYS = (*DINOV2_WEIGHTS, "centering")  # reset when a layer names another method
 
 
 def preset_names() -> list[str]:
@@ -274,7 +275,7 @@ def load_config(preset_or_yaml: str | None = None, overrides: list[str] | None =
     merged = OmegaConf.structured(Config)
     try:
         for layer in (_read_base(preset_or_yaml), OmegaConf.from_dotlist(overrides)):
-            merged = _reset_method_weights(_reset_backbone_kwargs(merged, layer), layer)
+            merged = _reset_method_loss(_reset_backbone_kwargs(merged, layer), layer)
             merged = OmegaConf.merge(merged, layer)
         config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as error:
@@ -295,16 +296,16 @@ def _reset_backbone_kwargs(merged: DictConfig, layer: DictConfig) -> DictConfig:
     return merged
 
 
-def _reset_method_weights(merged: DictConfig, layer: DictConfig) -> DictConfig:
-    """DINOv2's term weights belong to method=dinov2: a layer that names another method drops
-    those set before it (a preset's KoLeo weight does not follow ``method=dino``), back to
-    blank, the method's default. Set in the same layer as a method without them, they are
-    still an error."""
+def _reset_method_loss(merged: DictConfig, layer: DictConfig) -> DictConfig:
+    """DINOv2's loss keys (its term weights, Sinkhorn-Knopp centering) belong to the method a
+    preset names: a layer that names another method puts those set before it back to the
+    schema's defaults, so ``dinolab train method=dino`` on the demo preset trains the paper's
+    DINO. Set in the same layer as a method without them, they are validated as usual."""
     if "method" not in layer or layer["method"] == merged.method:
         return merged
     merged = merged.copy()
-    for key in DINOV2_WEIGHTS:
-        OmegaConf.update(merged, f"loss.{key}", None, merge=False)
+    for key in DINOV2_LOSS_KEYS:
+        OmegaConf.update(merged, f"loss.{key}", getattr(LossConfig(), key), merge=False)
     return merged
 
 
