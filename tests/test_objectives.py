@@ -64,8 +64,10 @@ from dinolab.training.step import StepValues, train_step
 BATCH = 8  # global batch (test_ddp.global_batches): 4 images per process
 STEPS = 3
 GRID_PATCH = 7  # the tiny ViT's patch: 28 px global crops are 4 x 4 patches
-DINOV2 = ("method=dinov2", f"train.batch_size={BATCH}")
-# KoLeo 0.1 and iBOT 1.0 (DINOv2's defaults) in every variant
+# KoLeo 0.1, iBOT 1.0 and the EMA centre (DINOv2's defaults, not the demo preset's KoLeo 0.3
+# and Sinkhorn-Knopp) in every variant but "sinkhorn"
+DINOV2 = ("method=dinov2", "loss.koleo_weight=0.1", "loss.centering=mean",
+          f"train.batch_size={BATCH}")
 VARIANTS: dict[str, tuple[str, ...]] = {
     "default": (),
     "sinkhorn": ("loss.centering=sinkhorn",),
