@@ -17,10 +17,13 @@ from dinolab.cli import main
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two runs on the same images that differ in method and optim.lr (two steps an epoch)."""
+    """Two runs on the same images that differ in method and optim.lr (two steps an epoch):
+    the second keeps DINOv2's blank KoLeo weight and the EMA centre, where the demo preset
+    under the tiny config would bring its own and make them differ too."""
     folder = tmp_path_factory.mktemp("compare")
     first = train_tiny_run(folder / "first", "optim.lr=0.001")
     second = train_tiny_run(folder / "second", "method=dinov2", "optim.lr=0.002",
+                            "loss.koleo_weight=null", "loss.centering=mean",
                             f"data.root={folder / 'first' / 'fashion'}")
     return [first, second]
 
