@@ -304,8 +304,9 @@ def _reset_method_loss(merged: DictConfig, layer: DictConfig) -> DictConfig:
     if "method" not in layer or layer["method"] == merged.method:
         return merged
     merged = merged.copy()
+    defaults = LossConfig()
     for key in DINOV2_LOSS_KEYS:
-        OmegaConf.update(merged, f"loss.{key}", getattr(LossConfig(), key), merge=False)
+        OmegaConf.update(merged, f"loss.{key}", getattr(defaults, key), merge=False)
     return merged
 
 
